@@ -1,0 +1,84 @@
+"""Kosmos-2: image encoder -> xconnector -> image features written into the decoder's image slots.
+
+The module tree mirrors the official `UniGPTmodel` so the state dict keys are exactly those of `kosmos-2.pt`:
+`gpt_model.decoder.*`, `img_model.visual.*`, `img_connector.*` (kosmos2-spec.md §1.1, §2.2).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from ..config import Kosmos2Config
+from .connector import XConnector
+from .decoder import Decoder
+from .kv_cache import KVCache
+from .vision import ImageModel
+
+
+class GPTModel(nn.Module):
+    """Container so that decoder weights live under `gpt_model.decoder.` like the official fairseq LM."""
+
+    def __init__(self, cfg: Kosmos2Config):
+        super().__init__()
+        self.decoder = Decoder(cfg)
+
+
+class Kosmos2Model(nn.Module):
+    def __init__(self, cfg: Kosmos2Config, init_from_scratch: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.gpt_model = GPTModel(cfg)
+        self.img_model = ImageModel(cfg)
+        self.img_connector = XConnector(cfg)
+        if init_from_scratch:
+            self.gpt_model.decoder.reset_parameters()
+        self.set_image_encoder_trainable(not cfg.freeze_image_encoder)
+
+    # ---- parameters
+    @property
+    def decoder(self) -> Decoder:
+        return self.gpt_model.decoder
+
+    def set_image_encoder_trainable(self, trainable: bool) -> None:
+        """The official model froze the ViT unconditionally (its `--no-freeze-all` was a no-op); here it is a switch."""
+        self.image_encoder_trainable = trainable
+        for p in self.img_model.parameters():
+            p.requires_grad_(trainable)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # ---- forward
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[N,3,S,S] (or [B,n,3,S,S]) pixels -> [N, latent_query_num, d] features for the image slots."""
+        if pixels.dim() == 5:
+            pixels = pixels.flatten(0, 1)
+        grad = contextlib.nullcontext() if self.image_encoder_trainable else torch.no_grad()
+        with grad:  # a frozen ViT needs no activation memory
+            tokens = self.img_model(pixels)
+        return self.img_connector(tokens.to(self.img_connector.dense.weight.dtype))
+
+    def forward(self, src_tokens: torch.Tensor, img_src_tokens: torch.Tensor | None = None,
+                img_gpt_input_mask: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                only_last: bool = False, return_hidden: bool = False) -> torch.Tensor:
+        """Logits [B,T,V] (or [B,1,V] with only_last; hidden states with return_hidden)."""
+        if image_features is None and img_src_tokens is not None and img_src_tokens.numel() > 0:
+            image_features = self.encode_images(img_src_tokens)
+        if image_features is not None and img_gpt_input_mask is None:
+            raise ValueError("Image features were given without img_gpt_input_mask: mark the image slots of src_tokens")
+        mask = img_gpt_input_mask.bool() if img_gpt_input_mask is not None else None
+        return self.decoder(src_tokens, image_features, mask, positions, cache, only_last, return_hidden)
+
+    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+        return KVCache.for_model(self, batch_size, capacity)
+
+
+def build_model(cfg: Kosmos2Config, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                init_from_scratch: bool = True) -> Kosmos2Model:
+    """Build on `device` ("meta" allocates nothing: useful for counting parameters of the xl preset)."""
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = Kosmos2Model(cfg, init_from_scratch=init_from_scratch and str(device) != "meta")
+    return model.to(dtype) if dtype is not None else model
