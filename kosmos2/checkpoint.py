@@ -101,6 +101,10 @@ def _layer_count(sd: dict, prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
+def _heads_for(width: int) -> int:
+    return width // 64 if width % 64 == 0 else 1
+
+
 def config_from_state_dict(sd: dict, base: dict | None = None) -> Kosmos2Config:
     """Shapes are authoritative for sizes; `base` (cfg.model or config.json values) supplies heads, dropout, etc."""
     base = dict(base or {})
@@ -122,11 +126,10 @@ def config_from_state_dict(sd: dict, base: dict | None = None) -> Kosmos2Config:
         vision_layers=_layer_count(sd, "img_model.visual.transformer.resblocks."), vision_mlp_ratio=mlp / width,
         latent_query_num=queries,
     )
-    base.setdefault("decoder_attention_heads", d // 64)
-    base.setdefault("vision_heads", width // 64)
+    # Head counts are not visible in shapes: trust the config, else assume 64-wide heads like every released model.
+    base.setdefault("decoder_attention_heads", _heads_for(d))
+    base.setdefault("vision_heads", _heads_for(width))
     base.setdefault("connector_heads", base["decoder_attention_heads"])
-    if base.get("vision_heads") and width % base["vision_heads"]:
-        base["vision_heads"] = width // 64
     max_pos = base.get("max_target_positions") or base.get("tokens_per_sample") or 2048
     return Kosmos2Config.from_dict({**base, **shapes, "max_target_positions": max_pos})
 

@@ -1,0 +1,112 @@
+"""Pieces of the model against independent references: open_clip's ViT, the spec's init and position formulas."""
+import math
+
+import pytest
+import torch
+
+from kosmos2 import build_model, load_preset
+from kosmos2.model.decoder import make_positions, sinusoidal_table
+from kosmos2.model.vision import VisionTransformer, load_open_clip_visual
+
+from test_model_vs_transformers import small_config
+
+
+def test_vit_equals_open_clip_after_loading_its_weights():
+    """`--visual-pretrained` path: an open_clip ViT (fused in_proj) loaded into our ts_attn layout computes the same."""
+    from open_clip.transformer import QuickGELU, VisionTransformer as OpenClipViT
+
+    torch.manual_seed(0)
+    cfg = small_config()
+    ref = OpenClipViT(image_size=32, patch_size=8, width=48, layers=2, heads=3, mlp_ratio=4.0, output_dim=48,
+                      act_layer=QuickGELU, output_tokens=True).eval()
+    with torch.no_grad():
+        ref.proj.copy_(torch.eye(48))  # the pooled CLS then equals the ln_post'ed CLS token
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ignored = load_open_clip_visual(ours := VisionTransformer(cfg).eval(), {f"visual.{k}": v for k, v in ref.state_dict().items()})
+    assert ignored == ["proj"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        pooled, patch_tokens = ref(x)
+        tokens = ours(x)
+    assert tokens.shape == (2, 17, 48)
+    assert torch.allclose(tokens[:, 1:], patch_tokens, atol=1e-5)
+    assert torch.allclose(tokens[:, 0] @ ref.proj.detach(), pooled, atol=1e-5)
+
+
+def test_image_features_are_unit_norm_per_token():
+    model = build_model(small_config()).eval()
+    with torch.no_grad():
+        feats = model.img_model(torch.randn(3, 3, 32, 32))
+    assert torch.allclose(feats.norm(dim=-1), torch.ones(3, 17), atol=1e-5)
+
+
+def test_sinusoidal_table_matches_fairseq_formula():
+    table = sinusoidal_table(10, 8, padding_idx=1)
+    half = 4
+    for p in (0, 2, 7):
+        for i in range(half):
+            w = math.exp(-i * math.log(10000) / (half - 1))
+            assert table[p, i].item() == pytest.approx(math.sin(p * w), abs=1e-6)
+            assert table[p, half + i].item() == pytest.approx(math.cos(p * w), abs=1e-6)
+    assert torch.count_nonzero(table[1]) == 0
+
+
+def test_positions_start_at_two_and_skip_pads():
+    tokens = torch.tensor([[1, 1, 0, 9, 9], [0, 9, 9, 9, 9]])
+    assert make_positions(tokens, 1).tolist() == [[1, 1, 2, 3, 4], [2, 3, 4, 5, 6]]
+    assert make_positions(torch.tensor([[7], [1]]), 1, offset=torch.tensor([3, 5])).tolist() == [[5], [1]]
+
+
+def test_magneto_init_scales_exactly_the_spec_parameters():
+    """Biases start at the PyTorch default U(-1/sqrt(fan_in), +); the sub-LN rescale multiplies fc1/fc2/out_proj/v_proj
+    weights AND biases by sqrt(ln 2N), leaving q/k projections at the default bound."""
+    cfg = small_config(decoder_layers=6, decoder_embed_dim=256, decoder_ffn_embed_dim=512)
+    torch.manual_seed(0)
+    dec = build_model(cfg).gpt_model.decoder
+    scale = math.sqrt(math.log(12))
+    bound = lambda fan_in: 1 / math.sqrt(fan_in)
+    for layer in dec.layers:
+        assert layer.self_attn.q_proj.bias.abs().max() <= bound(256)
+        assert layer.self_attn.v_proj.bias.abs().max() > bound(256)  # only possible after scaling
+        assert layer.self_attn.v_proj.bias.abs().max() <= bound(256) * scale
+        assert layer.ffn.fc2.bias.abs().max() <= bound(512) * scale and layer.ffn.fc2.bias.abs().max() > bound(512)
+    emb = dec.embed_tokens.weight
+    assert torch.count_nonzero(emb[1]) == 0
+    assert emb[2:].std().item() == pytest.approx(256 ** -0.5, rel=0.05)
+
+
+def test_image_encoder_frozen_by_default_and_switchable():
+    model = build_model(load_preset("tiny", freeze_image_encoder=True))
+    assert not any(p.requires_grad for p in model.img_model.parameters())
+    assert all(p.requires_grad for p in model.img_connector.parameters())
+    model.set_image_encoder_trainable(True)
+    ids = torch.randint(4, 50, (1, 20))
+    mask = torch.zeros(1, 20, dtype=torch.bool)
+    mask[0, 2:2 + model.cfg.latent_query_num] = True
+    model(ids, img_src_tokens=torch.randn(1, 3, model.cfg.image_size, model.cfg.image_size), img_gpt_input_mask=mask).sum().backward()
+    assert model.img_model.visual.conv1.weight.grad is not None
+
+
+def test_activation_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    cfg = small_config(dropout=0.0, attention_dropout=0.0)
+    a = build_model(cfg)
+    b = build_model(small_config(dropout=0.0, attention_dropout=0.0, checkpoint_activations=True))
+    b.load_state_dict(a.state_dict())
+    ids = torch.randint(4, 300, (2, 12))
+    for m in (a, b):
+        m.train()
+        m(ids).logsumexp(-1).sum().backward()
+    assert torch.allclose(a.gpt_model.decoder.layers[0].ffn.fc1.weight.grad, b.gpt_model.decoder.layers[0].ffn.fc1.weight.grad, atol=1e-6)
+
+
+def test_mismatched_image_slots_give_a_clear_error():
+    model = build_model(small_config()).eval()
+    ids = torch.randint(4, 300, (1, 20))
+    mask = torch.zeros(1, 20, dtype=torch.bool)
+    mask[0, 2:9] = True  # 7 slots, but one image fills 8
+    with pytest.raises(ValueError, match="marks 7 image slots but 8 image feature"):
+        model(ids, img_src_tokens=torch.randn(1, 3, 32, 32), img_gpt_input_mask=mask)
+    with pytest.raises(ValueError, match="expects 32x32"):
+        model(ids, img_src_tokens=torch.randn(1, 3, 30, 30), img_gpt_input_mask=mask)
