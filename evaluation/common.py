@@ -1,0 +1,336 @@
+"""Pieces shared by every evaluation task: box IoU, prompt and prediction files, result files.
+
+Prediction files come in two formats and every scorer accepts both:
+  * ours (written by `evaluation/runner.py`): JSONL, one object per prompt with at least `id` and `raw`
+    (the decoded markup after `</image>`, prompt included, exactly like the official `H-` string);
+  * the official fairseq pipeline output (`caption_obj_few_shot.py` stdout): `H-<n>\t<score>\t<text>` lines, where n is
+    the 0-based line number of the prompt in the cooked prompt file. Other line kinds (S-, ST-, W-, D-, P-, logging)
+    are ignored.
+Predictions are matched to prompts by id (ours) or by n (official). A prompt without a prediction is scored as wrong and
+reported; it is never dropped from the denominator.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+
+class EvaluationInputError(ValueError):
+    """A prompt, prediction or annotation file that cannot be scored; the message says what to fix."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# boxes
+
+def box_iou(boxes1, boxes2) -> np.ndarray:
+    """IoU matrix [N, M] of xyxy boxes. Areas are (x2-x1)*(y2-y1) (no +1 pixel), as in the official scorers.
+
+    A pair whose union is empty (two zero-area boxes, e.g. the [0,0,0,0] "no prediction" box against a degenerate GT
+    box) has IoU 0 rather than NaN, so it is a miss; the official code computes 0/0 = NaN, which also fails `>= 0.5`.
+    """
+    a = np.asarray(boxes1, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(boxes2, dtype=np.float64).reshape(-1, 4)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    top_left = np.maximum(a[:, None, :2], b[None, :, :2])
+    bottom_right = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = np.clip(bottom_right - top_left, 0, None)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area_a[:, None] + area_b[None, :] - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+    return iou
+
+
+def xywh_to_xyxy(box: Sequence[float]) -> list[float]:
+    x, y, w, h = (float(v) for v in box)
+    return [x, y, x + w, y + h]
+
+
+def scale_box(box: Sequence[float], width: float, height: float) -> list[float]:
+    """Normalised xyxy -> pixel xyxy."""
+    x1, y1, x2, y2 = box
+    return [x1 * width, y1 * height, x2 * width, y2 * height]
+
+
+NO_BOX = [0.0, 0.0, 0.0, 0.0]  # the official scorers' stand-in when the phrase got no box: IoU 0 with any real box
+
+
+def normalize_phrase(text: str) -> str:
+    """Comparison key for phrase names: whitespace collapsed and case folded.
+
+    The official scorers compare `phrase.strip()` case-sensitively, so a phrase whose detokenised text differs only in
+    inner spacing (sentencepiece collapses runs of spaces) or case loses its boxes. `--official-compat` keeps that.
+    """
+    return " ".join(text.split()).casefold()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# markup
+
+def text_after_image(raw: str) -> str:
+    """The part of a decoded line after the last `</image>` (the official scorers do the same with `H-` strings)."""
+    return raw.split("</image>")[-1]
+
+
+def strip_tags(text: str) -> str:
+    """Plain text of a decoded line: every `<...>` tag removed, whitespace collapsed (spec §7.5, display text)."""
+    from kosmos2.grounding import strip_tags_for_display
+
+    return strip_tags_for_display(text)
+
+
+def continuation_after_prompt(raw: str, prompt: str) -> str:
+    """Plain text the model produced after the prompt.
+
+    `raw` holds prompt + continuation (like the official `H-` string); we compare plain texts so tags and the
+    whitespace changes of detokenisation do not matter. If the plain prompt is not a prefix (an unknown character came
+    back as `<unk>`, say), the continuation is taken after the last word of the prompt, and failing that the whole text.
+    """
+    plain = strip_tags(text_after_image(raw))
+    plain_prompt = strip_tags(prompt)
+    if plain.casefold().startswith(plain_prompt.casefold()):
+        return plain[len(plain_prompt):].strip()
+    last_word = plain_prompt.split()[-1] if plain_prompt.split() else ""
+    if last_word and last_word in plain:
+        return plain.rsplit(last_word, 1)[1].strip()
+    return plain
+
+
+_DETACHED_OBJECT = re.compile(r"</phrase>\s+<object>")
+
+
+def boxes_for_phrase(raw: str, phrase: str, quantized_size: int = 32, official: bool = False) -> list[list[float]]:
+    """Normalised xyxy boxes of every entity in the output whose name is `phrase`, in generation order.
+
+    Both official scorers collect the boxes of *every* parsed entity with the expression's name (so a phrase the model
+    repeats later adds boxes after the first). official=True keeps their exact behaviour: the regex parser as it is
+    (whitespace between `</phrase>` and `<object>` detaches the box from its phrase) and a case-sensitive `.strip()`
+    comparison. Otherwise that whitespace is removed before parsing and names compare by `normalize_phrase`.
+    """
+    from kosmos2 import grounding  # deferred: the text-only tasks never parse boxes
+
+    text = text_after_image(raw)
+    if official:
+        return [list(box) for name, *box in grounding.decode_bbox_from_caption(text, quantized_size=quantized_size)
+                if name.strip() == phrase.strip()]
+    _caption, entities = grounding.extract_entities(_DETACHED_OBJECT.sub("</phrase><object>", text), quantized_size)
+    key = normalize_phrase(phrase)
+    return [list(box) for entity in entities if normalize_phrase(entity.phrase) == key for box in entity.boxes]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# files
+
+def read_json(path, what: str):
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationInputError(f"{what} {path} does not exist; see docs/evaluation.md for where to get it")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise EvaluationInputError(f"{what} {path} is not valid JSON ({e}); re-download or regenerate it") from e
+
+
+def read_jsonl(path, what: str) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvaluationInputError(
+                    f"{what} {path}, line {line_number} is not valid JSON ({e}); a run killed mid-write leaves a "
+                    "truncated last line: re-run the runner on the same --out (it resumes and repairs the file)") from e
+            if not isinstance(row, dict):
+                raise EvaluationInputError(f"{what} {path}, line {line_number}: expected a JSON object, got {row!r:.80}")
+            row["_line"] = line_number
+            rows.append(row)
+    return rows
+
+
+def write_jsonl(path, rows: Iterable[dict]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def official_prompt_line(item: dict) -> str:
+    """The official launcher's input line: `[image]<path><tab><text>` segments (spec §7.3)."""
+    images = item["image"] if isinstance(item["image"], list) else [item["image"]]
+    texts = item["prompt"] if isinstance(item["prompt"], list) else [item["prompt"]]
+    return "<tab>".join(f"[image]{image}<tab>{text}" for image, text in zip(images, texts))
+
+
+def write_prompts(path, items: Sequence[dict], official: bool = False) -> None:
+    """Write cooked prompts as JSONL (ours) or as the official `[image]...<tab>...` lines (for caption_obj_few_shot.py)."""
+    if not official:
+        write_jsonl(path, items)
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for item in items:
+            f.write(official_prompt_line(item) + "\n")
+
+
+def parse_official_prompt_line(line: str, index: int) -> dict:
+    """`[image]a.jpg<tab>text<tab>[image]b.jpg<tab>text` -> item with parallel image / prompt lists (or scalars)."""
+    images, texts = [], []
+    for segment in line.rstrip("\n").split("<tab>"):
+        if segment.startswith("[image]"):
+            if len(images) > len(texts):
+                texts.append("")  # two images in a row: the first has no text after it
+            images.append(segment[len("[image]"):])
+        elif images and len(texts) < len(images):
+            texts.append(segment)
+        else:
+            raise EvaluationInputError(f"prompt line {index + 1}: text segment {segment!r:.60} does not follow an "
+                                       "[image] segment; the official format is [image]<path><tab><text>")
+    if not images:
+        raise EvaluationInputError(f"prompt line {index + 1} has no [image]<path> segment: {line!r:.80}")
+    texts += [""] * (len(images) - len(texts))
+    single = len(images) == 1
+    return {"id": str(index), "image": images[0] if single else images, "prompt": texts[0] if single else texts}
+
+
+def read_prompt_file(path) -> list[dict]:
+    """Cooked prompts: our JSONL (`id`, `image`, `prompt`, task fields) or official `[image]...<tab>...` lines
+    (ids are then the 0-based line numbers, the same ids the official `H-` lines carry)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationInputError(f"prompt file {path} does not exist; make it with the task's cook_data.py")
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    if not lines:
+        raise EvaluationInputError(f"prompt file {path} is empty")
+    if lines[0].lstrip().startswith("{"):
+        items = read_jsonl(path, "prompt file")
+        for item in items:
+            missing = {"id", "image", "prompt"} - set(item)
+            if missing:
+                raise EvaluationInputError(f"prompt file {path}, line {item['_line']} lacks {sorted(missing)}")
+            item["id"] = str(item["id"])
+            item.pop("_line")
+    else:
+        items = [parse_official_prompt_line(line, i) for i, line in enumerate(lines)]
+    seen = set()
+    for item in items:
+        if item["id"] in seen:
+            raise EvaluationInputError(f"prompt file {path} has id {item['id']!r} twice; ids must be unique")
+        seen.add(item["id"])
+    return items
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# predictions
+
+_H_LINE = re.compile(r"^H-(\d+)\t")
+
+
+def load_predictions(path, expected_ids: Sequence[str], field: str = "raw", file_order: bool = False) -> dict[str, object]:
+    """Read a prediction file (ours or official, see module doc) -> {id: value of `field`}.
+
+    expected_ids: ids of the cooked prompts in cooked order; official line n maps to expected_ids[n].
+    file_order: official-scorer behaviour, `H-` lines are taken in file order and their numbers ignored.
+    Raises on ids that are not expected, duplicates and malformed lines; missing ids are the caller's to count.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationInputError(f"prediction file {path} does not exist; run evaluation/runner.py first")
+    with open(path, encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), "")
+    if first.lstrip().startswith("{"):
+        values = _load_jsonl_predictions(path, field)
+    else:
+        if field != "raw":
+            raise EvaluationInputError(f"{path} is not a JSONL prediction file; this task needs `{field}` in "
+                                       "evaluation/runner.py output (official H- lines carry only text)")
+        values = _load_official_predictions(path, expected_ids, file_order)
+    expected = set(expected_ids)
+    extra = [key for key in values if key not in expected]
+    if extra:
+        raise EvaluationInputError(
+            f"{len(extra)} prediction id(s) in {path} are not prompts of this annotation file (first: {extra[:5]}); "
+            "are these predictions of another split or dataset?")
+    return values
+
+
+def _load_jsonl_predictions(path, field: str) -> dict[str, object]:
+    values: dict[str, object] = {}
+    for row in read_jsonl(path, "prediction file"):
+        if "id" not in row or field not in row:
+            raise EvaluationInputError(f"prediction file {path}, line {row['_line']}: needs `id` and `{field}`, has "
+                                       f"{sorted(k for k in row if k != '_line')}")
+        key = str(row["id"])
+        if key in values:
+            raise EvaluationInputError(f"prediction file {path}: id {key!r} appears twice (second at line "
+                                       f"{row['_line']}); keep one prediction per prompt")
+        values[key] = row[field]
+    return values
+
+
+def _load_official_predictions(path, expected_ids: Sequence[str], file_order: bool) -> dict[str, object]:
+    values: dict[str, object] = {}
+    hypotheses = 0
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            match = _H_LINE.match(line)
+            if not match:
+                continue
+            parts = line.rstrip("\n").split("\t", 2)
+            text = parts[2] if len(parts) == 3 else ""
+            number = hypotheses if file_order else int(match.group(1))
+            hypotheses += 1
+            if number >= len(expected_ids):
+                raise EvaluationInputError(
+                    f"{path}, line {line_number}: H-{match.group(1)} but the annotation file has only "
+                    f"{len(expected_ids)} prompts; are these predictions of another split?")
+            key = expected_ids[number]
+            if key in values:
+                raise EvaluationInputError(f"{path}, line {line_number}: a second hypothesis for prompt {number}; "
+                                           "generate with --nbest 1")
+            values[key] = text
+    if hypotheses == 0:
+        raise EvaluationInputError(f"{path} has neither JSONL predictions (objects with id/raw) nor official "
+                                   "`H-<n>\\t<score>\\t<text>` lines")
+    return values
+
+
+def missing_report(task: str, missing: Sequence[str], total: int) -> str:
+    """One warning line for predictions that are absent; they are scored as wrong."""
+    return (f"[{task}] WARNING: {len(missing)} of {total} prompts have no prediction and are scored as wrong "
+            f"(first: {list(missing[:5])}); finish the run (the runner resumes) for the real number")
+
+
+def warn(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# results
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def cell(value):
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict, markdown: str, out_prefix) -> tuple[Path, Path]:
+    """`<prefix>.json` (machine-readable) and `<prefix>.md` (the table) next to each other."""
+    out_prefix = Path(out_prefix)
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = Path(f"{out_prefix}.json"), Path(f"{out_prefix}.md")
+    json_path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    md_path.write_text(markdown, encoding="utf-8")
+    return json_path, md_path

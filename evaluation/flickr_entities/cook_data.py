@@ -1,0 +1,69 @@
+"""Cook Flickr30k Entities prompts from MDETR `final_flickr_separateGT_{val,test}.json` (spec §8.1).
+
+One prompt per evaluated phrase (`tokens_positive_eval` entry), in file order:
+
+    <grounding>{caption[:start]} <phrase>{caption[start:end]}</phrase>
+
+Only the first character span of each phrase is used, and the caption prefix keeps its trailing space so the official
+prompts have two spaces before `<phrase>` (sentencepiece then encodes the prefix chunk on its own, spec §7.3): the model
+continues with `<object>...`. The item order is the order the official `H-` line numbers refer to.
+
+    python -m evaluation.flickr_entities.cook_data final_flickr_separateGT_test.json flickr30k-images --out test.jsonl
+    (add --official to write the `[image]<path><tab><prompt>` lines that the official caption_obj_few_shot.py reads)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from evaluation.common import EvaluationInputError, read_json, write_prompts
+
+LOCATE_TOKEN = "<grounding>"
+
+
+def image_key(image: dict) -> str:
+    """Flickr image id of an MDETR entry (`original_img_id`); the MDETR entry id when it has none (synthetic sets)."""
+    return str(image.get("original_img_id", image["id"]))
+
+
+def phrase_items(annotation: dict, image_root: str = "") -> list[dict]:
+    """All prompts of an MDETR Flickr json, one per `tokens_positive_eval` entry, in the official order."""
+    if "images" not in annotation:
+        raise EvaluationInputError("annotation has no `images` list; expected MDETR final_flickr_separateGT_*.json")
+    items = []
+    for image in annotation["images"]:
+        caption = image["caption"]
+        for k, spans in enumerate(image.get("tokens_positive_eval", [])):
+            if not spans:
+                raise EvaluationInputError(f"image entry {image['id']} has an empty tokens_positive_eval[{k}]")
+            start, end = spans[0]
+            sentence_id = image.get("sentence_id", 0)
+            items.append({
+                "id": f"{image_key(image)}_{sentence_id}_{k}",
+                "image": os.path.join(image_root, image["file_name"]) if image_root else image["file_name"],
+                "prompt": f"{LOCATE_TOKEN}{caption[:start]} <phrase>{caption[start:end]}</phrase>",
+                "phrase": caption[start:end],
+                "entry_id": image["id"],
+                "phrase_index": k,
+            })
+    return items
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("annotation_file", help="MDETR final_flickr_separateGT_{val,test}.json")
+    parser.add_argument("image_root", help="folder with the Flickr30k images (flickr30k-images/)")
+    parser.add_argument("--out", required=True, help="prompt file to write (JSONL, or official lines with --official)")
+    parser.add_argument("--official", action="store_true", help="write official `[image]...<tab>...` lines")
+    args = parser.parse_args(argv)
+    items = phrase_items(read_json(args.annotation_file, "annotation file"), args.image_root)
+    write_prompts(args.out, items, official=args.official)
+    print(f"wrote {len(items)} phrase prompts to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""VQAv2 zero-shot with the official answer normalisation and accuracy (spec §8.4)."""
