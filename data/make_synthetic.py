@@ -1,0 +1,245 @@
+"""Build the synthetic grounding corpus (deterministic by seed) in exactly the real data formats.
+
+    python data/make_synthetic.py --out data/synthetic --seed 0 [--num-images 6000] [--image-size 64]
+
+Layout of OUT:
+    raw/00000/000000001.jpg + .json   img2dataset-style GRIT samples (caption, width, height, noun_chunks, ref_exps)
+    grit/grit_NNNNN.tsv, grit/json/train.json     made by the real data/prepare_grit.py + data/generate_config.py
+    tokenizer/sentencepiece.bpe.model, dict.txt   small BPE model trained on the corpus text (tiny preset)
+    text/train.jsonl, text/json/train.json         text-only stream ({"text": ...})
+    interleaved/train.jsonl, interleaved/images/, interleaved/json/train.json
+    eval/refcoco/finetune_refcoco_{val,testA}.json + images/            MDETR RefCOCO layout (bbox xywh pixels)
+    eval/flickr/final_flickr_separateGT_{val,test}.json + images/       MDETR Flickr30k-Entities layout
+    eval/flickr/flickr30k_entities/{val,test}.txt, Annotations/*.xml, Sentences/*.txt   (what the Flickr scorer reads)
+    manifest.json                                   arguments, counts, timings
+
+See kosmos2/data/synthetic.py for why the scenes look the way they do (learnable in minutes by the tiny preset).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import sentencepiece as spm
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts: prepare_grit, generate_config
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import generate_config  # noqa: E402
+import prepare_grit  # noqa: E402
+from kosmos2.data import synthetic as syn  # noqa: E402
+from kosmos2.tokenizer import Kosmos2Tokenizer  # noqa: E402
+
+JPEG_QUALITY = 95
+
+
+def save_jpeg(image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="JPEG", quality=JPEG_QUALITY)
+
+
+# ----------------------------------------------------------------------------- training images (img2dataset layout)
+
+def write_raw_grit(out: Path, rng: random.Random, args) -> list[str]:
+    captions = []
+    for i in tqdm(range(args.num_images), desc="synthetic images", unit="img", disable=args.quiet):
+        key = f"{i:09d}"
+        folder = out / "raw" / f"{i // 10000:05d}"
+        scene = syn.sample_scene(rng, *syn.canvas_size(rng, args.image_size, args.non_square_prob), overlap_prob=args.overlap_prob)
+        record = syn.grit_record(rng, scene, key, args.expression_frac, args.low_score_prob)
+        save_jpeg(syn.draw_scene(scene), folder / f"{key}.jpg")
+        (folder / f"{key}.json").write_text(json.dumps(record))
+        (folder / f"{key}.txt").write_text(record["caption"])
+        captions.append(record["caption"])
+    return captions
+
+
+# ----------------------------------------------------------------------------- evaluation sets (MDETR layouts)
+
+def xywh(shape: syn.Shape) -> list[float]:
+    x1, y1, x2, y2 = shape.box
+    return [float(x1), float(y1), float(x2 - x1), float(y2 - y1)]
+
+
+def write_refcoco(out: Path, rng: random.Random, split: str, num_images: int, image_size: int, start_id: int) -> list[str]:
+    """One `images` entry + one `annotations` entry per referring expression, zipped in order (refexp scorer)."""
+    folder = out / "eval" / "refcoco"
+    images, annotations, texts = [], [], []
+    for n in range(num_images):
+        original_id = start_id + n
+        scene = syn.sample_scene(rng, image_size, image_size)
+        save_jpeg(syn.draw_scene(scene), folder / "images" / f"{original_id:06d}.jpg")
+        for target in scene.shapes:
+            expression, _ = syn.referring_expression(rng, scene, target)
+            ref_id = len(images) + start_id * 10
+            images.append({"file_name": f"{original_id:06d}.jpg", "height": image_size, "width": image_size, "id": ref_id,
+                           "original_id": original_id, "caption": expression, "dataset_name": "refcoco",
+                           "tokens_negative": [[0, len(expression)]], "tokens_positive": [[0, len(expression)]]})
+            box = xywh(target)
+            annotations.append({"area": box[2] * box[3], "iscrowd": 0, "image_id": ref_id, "category_id": 1, "id": ref_id,
+                                "bbox": box, "original_id": original_id, "tokens_positive": [[0, len(expression)]]})
+            texts.append(expression)
+    data = {"images": images, "annotations": annotations,
+            "categories": [{"supercategory": "shape", "id": 1, "name": "shape"}]}
+    (folder / f"finetune_refcoco_{split}.json").write_text(json.dumps(data))
+    return texts
+
+
+def flickr_sentence(caption: str, spans: list[tuple[int, int, int, str]]) -> str:
+    """Flickr30k Entities sentence markup: `[/EN#<id>/<type> words]` around every annotated phrase."""
+    out, cursor = [], 0
+    for start, end, entity_id, kind in spans:
+        out.append(caption[cursor:start])
+        out.append(f"[/EN#{entity_id}/{kind} {caption[start:end]}]")
+        cursor = end
+    out.append(caption[cursor:])
+    return "".join(out)
+
+
+def flickr_xml(name: str, width: int, height: int, boxes: list[tuple[int, tuple[int, int, int, int]]]) -> str:
+    objects = "".join(
+        f"<object><name>{entity_id}</name><bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
+        for entity_id, (x1, y1, x2, y2) in boxes)
+    return (f"<annotation><filename>{name}</filename><size><width>{width}</width><height>{height}</height>"
+            f"<depth>3</depth></size>{objects}</annotation>\n")
+
+
+def write_flickr(out: Path, rng: random.Random, split: str, num_images: int, image_size: int, start_id: int) -> list[str]:
+    folder = out / "eval" / "flickr"
+    entities = folder / "flickr30k_entities"
+    (entities / "Annotations").mkdir(parents=True, exist_ok=True)
+    (entities / "Sentences").mkdir(parents=True, exist_ok=True)
+    images, annotations, ids, texts = [], [], [], []
+    for n in range(num_images):
+        original_id = start_id + n
+        scene = syn.sample_scene(rng, image_size, image_size)
+        save_jpeg(syn.draw_scene(scene), folder / "images" / f"{original_id}.jpg")
+        caption, noun_chunks, _ = syn.scene_caption(rng, scene, low_score_prob=0.0)
+        spans = [(c[0], c[1], k + 1, shape.kind) for k, (c, shape) in enumerate(zip(noun_chunks, scene.shapes))]
+        (entities / "Sentences" / f"{original_id}.txt").write_text(flickr_sentence(caption, spans) + "\n")
+        (entities / "Annotations" / f"{original_id}.xml").write_text(
+            flickr_xml(f"{original_id}.jpg", image_size, image_size, [(k + 1, s.box) for k, s in enumerate(scene.shapes)]))
+        image_id = len(images)
+        images.append({"file_name": f"{original_id}.jpg", "height": image_size, "width": image_size, "id": image_id,
+                       "caption": caption, "dataset_name": "flickr", "original_img_id": str(original_id), "sentence_id": 0,
+                       "tokens_negative": [[0, len(caption)]],
+                       "tokens_positive_eval": [[[s, e]] for s, e, _, _ in spans]})
+        for (s, e, entity_id, _), shape in zip(spans, scene.shapes):
+            box = xywh(shape)
+            annotations.append({"area": box[2] * box[3], "iscrowd": 0, "image_id": image_id, "category_id": 1,
+                                "id": len(annotations), "bbox": box, "tokens_positive": [[s, e]], "phrase_ids": str(entity_id)})
+        ids.append(str(original_id))
+        texts.append(caption)
+    (entities / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    data = {"images": images, "annotations": annotations, "categories": [{"supercategory": "shape", "id": 1, "name": "shape"}]}
+    (folder / f"final_flickr_separateGT_{split}.json").write_text(json.dumps(data))
+    return texts
+
+
+# ----------------------------------------------------------------------------- text, interleaved, tokenizer
+
+def write_text_corpus(out: Path, rng: random.Random, num_docs: int) -> list[str]:
+    docs = [syn.text_document(rng) for _ in range(num_docs)]
+    path = out / "text" / "train.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    generate_config.generate_config(out / "text", name="text")
+    return [line for d in docs for line in d.split("\n")]
+
+
+def write_interleaved(out: Path, rng: random.Random, num_docs: int, image_size: int) -> list[str]:
+    folder = out / "interleaved"
+    lines, texts = [], []
+    for d in range(num_docs):
+        items = [{"text": rng.choice(["here are some pictures of shapes.", "a few images from the shapes world.", "look at these."])}]
+        for k in range(rng.randint(2, 3)):
+            scene = syn.sample_scene(rng, image_size, image_size)
+            ref = f"images/{d:05d}_{k}.jpg"
+            save_jpeg(syn.draw_scene(scene), folder / ref)
+            items += [{"image": ref}, {"text": syn.describe_scene(scene)}]
+        lines.append(json.dumps({"items": items}))
+        texts += [i["text"] for i in items if "text" in i]
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+    generate_config.generate_config(folder, name="interleaved")
+    return texts
+
+
+def train_tokenizer(out: Path, texts: list[str], vocab_size: int) -> Path:
+    folder = out / "tokenizer"
+    folder.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        hard_vocab_limit=False, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        num_threads=1, shuffle_input_sentence=False, minloglevel=2)
+    spm_path = folder / "sentencepiece.bpe.model"
+    spm_path.write_bytes(model.getvalue())
+    Kosmos2Tokenizer.build_dictionary_file(spm_path, folder / "dict.txt")
+    return folder
+
+
+# ----------------------------------------------------------------------------- driver
+
+def build(args) -> dict:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started, timings = time.time(), {}
+
+    def lap(name):
+        timings[name] = round(time.time() - started - sum(timings.values()), 2)
+
+    captions = write_raw_grit(out, random.Random(f"{args.seed}-grit"), args)
+    lap("images")
+    summary = prepare_grit.prepare([str(out / "raw")], out / "grit", shard_size=args.shard_size, workers=args.workers,
+                                   progress=not args.quiet)
+    generate_config.generate_config(out / "grit", name="grit")
+    lap("prepare_grit")
+    eval_texts = []
+    for k, split in enumerate(("val", "testA")):
+        eval_texts += write_refcoco(out, random.Random(f"{args.seed}-refcoco-{split}"), split, args.eval_images, args.image_size, 100000 * (k + 1))
+    for k, split in enumerate(("val", "test")):
+        eval_texts += write_flickr(out, random.Random(f"{args.seed}-flickr-{split}"), split, args.eval_images, args.image_size, 500000 + 100000 * k)
+    text_lines = write_text_corpus(out, random.Random(f"{args.seed}-text"), args.text_docs)
+    interleaved_texts = write_interleaved(out, random.Random(f"{args.seed}-interleaved"), args.interleaved_docs, args.image_size)
+    lap("eval_text_interleaved")
+    train_tokenizer(out, captions + text_lines + interleaved_texts + eval_texts, args.vocab_size)
+    lap("tokenizer")
+    manifest = {"args": vars(args), "grit": summary, "timings_s": timings, "total_s": round(time.time() - started, 2)}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="data/synthetic")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-images", type=int, default=6000, help="training images (GRIT rows)")
+    parser.add_argument("--image-size", type=int, default=64, help="short side of the generated images")
+    parser.add_argument("--non-square-prob", type=float, default=0.1, help="share of landscape/portrait training images")
+    parser.add_argument("--expression-frac", type=float, default=0.6, help="share of captions that are one referring expression")
+    parser.add_argument("--low-score-prob", type=float, default=0.05, help="share of shape boxes with a score under 0.65")
+    parser.add_argument("--overlap-prob", type=float, default=0.1, help="share of scenes whose shapes may overlap")
+    parser.add_argument("--eval-images", type=int, default=100, help="images per evaluation split")
+    parser.add_argument("--text-docs", type=int, default=500)
+    parser.add_argument("--interleaved-docs", type=int, default=200)
+    parser.add_argument("--vocab-size", type=int, default=320, help="sentencepiece pieces (upper bound)")
+    parser.add_argument("--shard-size", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--quiet", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    manifest = build(parse_args(argv))
+    print(json.dumps({"grit": manifest["grit"], "timings_s": manifest["timings_s"], "total_s": manifest["total_s"]}))
+    return manifest
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
