@@ -11,6 +11,7 @@ checkpointed one of the stream (the official used Python's global, unseeded `ran
 """
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,10 +38,28 @@ class GritSettings:
 
 
 def build_image_transform(image_size: int, only_resize: bool):
-    """PIL RGB -> float32 [3,S,S] numpy, training transform of spec §1.5 (kosmos2.image.train_transform)."""
-    from kosmos2.image import train_transform
+    """PIL RGB -> float32 [3,S,S] numpy: the training transform of spec §1.5 (`kosmos2.image.train_transform`), or
+    with --training-image-only-resize the square bicubic resize (= `kosmos2.image.inference_transform`)."""
+    from kosmos2 import image as image_lib
 
-    return train_transform(image_size, only_resize=only_resize)
+    transform = image_lib.inference_transform(image_size) if only_resize else image_lib.train_transform(image_size)
+    built_in = os.getpid()
+
+    def to_numpy(image) -> np.ndarray:
+        if os.getpid() != built_in:
+            # inside a forked prefetch worker: one intra-op thread, like torch DataLoader workers (no OpenMP pool
+            # inherited from the parent, no oversubscription of the cores the trainer uses)
+            _single_threaded_torch()
+        return transform(image).numpy()
+
+    return to_numpy
+
+
+def _single_threaded_torch() -> None:
+    import torch
+
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 
 class GritSampleMaker:

@@ -11,7 +11,7 @@ import binascii
 import io
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 class BadSample(Exception):
@@ -79,9 +79,13 @@ def decode_image(image_b64: str) -> Image.Image:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise BadSample("not_an_image")
+    except (OSError, ValueError, SyntaxError) as err:  # e.g. a JPEG cut inside its header
+        raise BadSample("broken_image", str(err)[:80])
     try:
         image.load()
-        image = image.convert("RGB")
+        # upright pixels, and no orientation tag left for later steps: the crop correction and the transform then
+        # agree on the size (the official loader ignored EXIF, spec §11)
+        image = ImageOps.exif_transpose(image).convert("RGB")
     except (OSError, ValueError, SyntaxError) as err:
         raise BadSample("broken_image", str(err)[:80])
     if image.width <= 0 or image.height <= 0:
