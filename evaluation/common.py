@@ -86,20 +86,35 @@ def strip_tags(text: str) -> str:
 
 
 def continuation_after_prompt(raw: str, prompt: str) -> str:
-    """Plain text the model produced after the prompt.
+    """Plain text (tags removed, line breaks kept) the model produced after the prompt.
 
-    `raw` holds prompt + continuation (like the official `H-` string); we compare plain texts so tags and the
-    whitespace changes of detokenisation do not matter. If the plain prompt is not a prefix (an unknown character came
-    back as `<unk>`, say), the continuation is taken after the last word of the prompt, and failing that the whole text.
+    `raw` holds prompt + continuation (like the official `H-` string). The prompt's words are matched at the start
+    ignoring case and whitespace, since detokenisation changes spacing. If they do not match (an unknown character came
+    back as `<unk>`, say), the continuation is taken after the last occurrence of the prompt's last word, and failing
+    that it is the whole text.
     """
-    plain = strip_tags(text_after_image(raw))
-    plain_prompt = strip_tags(prompt)
-    if plain.casefold().startswith(plain_prompt.casefold()):
-        return plain[len(plain_prompt):].strip()
-    last_word = plain_prompt.split()[-1] if plain_prompt.split() else ""
-    if last_word and last_word in plain:
-        return plain.rsplit(last_word, 1)[1].strip()
-    return plain
+    from kosmos2.grounding import clean_text
+
+    text = clean_text(text_after_image(raw))
+    words = strip_tags(prompt).split()
+    prefix = re.match(r"\s*" + r"\s*".join(re.escape(w) for w in words), text, flags=re.IGNORECASE)
+    if prefix:
+        return text[prefix.end():].strip()
+    if words and words[-1] in text:
+        return text.rsplit(words[-1], 1)[1].strip()
+    return text.strip()
+
+
+_SENTENCE_END = re.compile(r"\n|(?<!\d)\.(?!\d)")
+
+
+def first_sentence(text: str) -> str:
+    """Text up to the first line break or sentence-ending period (a period between digits, as in 2.5, is kept).
+
+    Zero-shot generation rarely stops after the one caption / answer / expression that is scored; it goes on with
+    another sentence, which would only add noise to the reference comparison.
+    """
+    return _SENTENCE_END.split(text, maxsplit=1)[0].strip()
 
 
 _DETACHED_OBJECT = re.compile(r"</phrase>\s+<object>")

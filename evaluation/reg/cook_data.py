@@ -1,0 +1,95 @@
+"""Cook referring expression generation prompts on RefCOCOg (spec §8.4; the paper's code was not released).
+
+Input: MDETR `finetune_refcocog_{val,test}.json`. One prompt per referred object (all expressions of that object are the
+references), giving the model the object's box and asking it to finish the sentence:
+
+    <grounding><phrase>It</phrase><object><patch_index_UL><patch_index_LR></object> is
+
+The box is quantised with the official rounding (kosmos2.grounding.box_to_tokens). Few-shot (--shots k, the paper's
+k = 2 and 4) puts k demonstrations first, each its own image with the same prompt completed by one of its
+expressions and a period; demonstrations are drawn from --demo_file (e.g. finetune_refcocog_train.json) with a random
+generator seeded by (--seed, object id), so a prompt does not depend on which other prompts are cooked.
+
+    python -m evaluation.reg.cook_data finetune_refcocog_val.json /data/coco --out reg_val_0shot.jsonl
+    python -m evaluation.reg.cook_data finetune_refcocog_val.json /data/coco --shots 2 \
+        --demo_file finetune_refcocog_train.json --out reg_val_2shot.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from evaluation.common import EvaluationInputError, read_json, write_prompts
+from evaluation.refcoco.cook_data import image_path
+
+QUERY = "<grounding>{markup} is"
+
+
+def referred_objects(annotation: dict, image_root: str = "") -> list[dict]:
+    """One entry per object (MDETR `original_id` of the annotation; its own id when absent), expressions in file order."""
+    if "images" not in annotation or "annotations" not in annotation:
+        raise EvaluationInputError("annotation needs `images` and `annotations`; expected MDETR finetune_refcocog_*.json")
+    images = {image["id"]: image for image in annotation["images"]}
+    objects: dict[str, dict] = {}
+    for ann in annotation["annotations"]:
+        image = images[ann["image_id"]]
+        key = str(ann.get("original_id", ann["id"]))
+        if key not in objects:
+            objects[key] = {"id": key, "image": image_path(image_root, image["file_name"]), "bbox": ann["bbox"],
+                            "width": float(image["width"]), "height": float(image["height"]), "references": []}
+        objects[key]["references"].append(image["caption"])
+    return list(objects.values())
+
+
+def box_prompt(obj: dict) -> str:
+    from kosmos2.grounding import phrase_markup  # deferred: scoring needs no model package
+
+    x, y, w, h = (float(v) for v in obj["bbox"])
+    box = (x / obj["width"], y / obj["height"], (x + w) / obj["width"], (y + h) / obj["height"])
+    return QUERY.format(markup=phrase_markup("It", [box]))
+
+
+def reg_items(annotation: dict, image_root: str = "", shots: int = 0, demos: list[dict] | None = None,
+              seed: int = 0) -> list[dict]:
+    objects = referred_objects(annotation, image_root)
+    if shots and (not demos or len(demos) < shots):
+        raise EvaluationInputError(f"--shots {shots} needs at least {shots} demonstration objects (--demo_file)")
+    items = []
+    for obj in objects:
+        query = box_prompt(obj)
+        if not shots:
+            items.append({"id": obj["id"], "image": obj["image"], "prompt": query})
+            continue
+        rng = random.Random(f"{seed}:{obj['id']}")
+        chosen = rng.sample(demos, shots)
+        items.append({
+            "id": obj["id"],
+            "image": [d["image"] for d in chosen] + [obj["image"]],
+            "prompt": [f"{box_prompt(d)} {rng.choice(d['references'])}." for d in chosen] + [query],
+        })
+    return items
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("annotation_file", help="MDETR finetune_refcocog_{val,test}.json")
+    parser.add_argument("image_root", help="COCO 2014 folder holding train2014/")
+    parser.add_argument("--out", required=True, help="prompt file to write (JSONL, or official lines with --official)")
+    parser.add_argument("--shots", type=int, default=0, help="number of demonstrations (0 = zero-shot)")
+    parser.add_argument("--demo_file", default=None, help="MDETR json the demonstrations come from (train split)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--official", action="store_true", help="write official `[image]...<tab>...` lines")
+    args = parser.parse_args(argv)
+    demos = referred_objects(read_json(args.demo_file, "demonstration file"), args.image_root) if args.demo_file else None
+    items = reg_items(read_json(args.annotation_file, "annotation file"), args.image_root, args.shots, demos, args.seed)
+    write_prompts(args.out, items, official=args.official)
+    print(f"wrote {len(items)} {args.shots}-shot REG prompts to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Cook VQAv2 zero-shot prompts from the official questions file (spec §8.4): `Question: {question} Answer:`.
+
+No `<grounding>` token: the answer is free text. Images follow the COCO layout named by the file's `data_subtype`:
+`<image_root>/<subtype>/COCO_<subtype>_<image_id:012d>.jpg` (val2014 for val, test2015 for test-dev).
+
+    python -m evaluation.vqa.cook_data v2_OpenEnded_mscoco_test-dev2015_questions.json /data/coco --out vqa_testdev.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from evaluation.common import EvaluationInputError, read_json, write_prompts
+
+PROMPT = "Question: {question} Answer:"
+
+
+def question_items(questions: dict, image_root: str = "") -> list[dict]:
+    if "questions" not in questions:
+        raise EvaluationInputError("questions file has no `questions` list; expected v2_OpenEnded_mscoco_*_questions.json")
+    subtype = questions.get("data_subtype", "val2014")
+    items = []
+    for q in questions["questions"]:
+        file_name = f"COCO_{subtype}_{int(q['image_id']):012d}.jpg"
+        items.append({
+            "id": str(q["question_id"]),
+            "image": os.path.join(image_root, subtype, file_name),
+            "prompt": PROMPT.format(question=q["question"].strip()),
+            "question_id": q["question_id"],
+        })
+    return items
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("questions_file", help="v2_OpenEnded_mscoco_{val2014,test-dev2015}_questions.json")
+    parser.add_argument("image_root", help="COCO folder holding val2014/ or test2015/")
+    parser.add_argument("--out", required=True, help="prompt file to write (JSONL, or official lines with --official)")
+    parser.add_argument("--official", action="store_true", help="write official `[image]...<tab>...` lines")
+    args = parser.parse_args(argv)
+    items = question_items(read_json(args.questions_file, "questions file"), args.image_root)
+    write_prompts(args.out, items, official=args.official)
+    print(f"wrote {len(items)} question prompts to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
