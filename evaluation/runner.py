@@ -1,0 +1,188 @@
+"""Run a Kosmos-2 checkpoint over a cooked prompt file: batched, resumable, with a progress bar.
+
+    python -m evaluation.runner --checkpoint CKPT --prompts refcoco_val.jsonl --out preds/refcoco_val.jsonl \
+        [--batch-size 8] [--max-new-tokens 64] [--limit 100] [--device cuda] [--dtype float32]
+
+Prompt files come from the tasks' cook_data.py (JSONL: id, image, prompt[, continuations]) or are official
+`[image]<path><tab><prompt>` lines. Two modes, picked from the file:
+  * generate (no `continuations`): one JSONL line per prompt
+        {"id", "image", "prompt", "raw", "text", "entities": [[phrase, [start, end], [[x1, y1, x2, y2], ...]], ...]}
+    `raw` is the decoded markup after `</image>`, prompt included (the official `H-` string), which is what the scorers
+    parse; boxes are normalised to [0, 1].
+  * score (`continuations` present, SEED-Bench): {"id", "image", "prompt", "continuations", "scores"}, the mean
+    log-probability per token of each continuation given image + prompt.
+The output is appended batch by batch; re-running with the same --out skips the ids already there (a line cut off by a
+crash is dropped and redone), so a long evaluation survives interruption. --limit N keeps the first N prompts.
+
+Decoding is greedy (the official evaluation: beam 1, no-repeat-ngram 3). Every scored box comes right after its phrase,
+and greedy decoding of later tokens cannot change earlier ones, so --max-new-tokens only needs to cover the grounded
+part; the official max-len-b 500 (prompt included) can be mirrored with a larger value.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from tqdm import tqdm
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from evaluation.common import EvaluationInputError, read_prompt_file, warn
+
+DEFAULT_MAX_NEW_TOKENS = 64
+
+
+def load_model(checkpoint: str, device: str = "cpu", dtype: str = "float32"):
+    try:
+        from kosmos2.api import Kosmos2
+    except ImportError as e:
+        raise RuntimeError(f"kosmos2.api is not importable ({e}); the runner needs the generation API") from e
+    return Kosmos2.from_pretrained(checkpoint, device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# resuming
+
+def finished_ids(out_path: Path, items_by_id: dict[str, dict], checkpoint: str | None = None) -> set[str]:
+    """Ids already in `out_path`, after dropping a last line cut off by a crash.
+
+    A finished line must belong to this prompt file (same id, same prompt) and this checkpoint; anything else means
+    --out points at the predictions of another run, and resuming would silently mix two runs.
+    """
+    if not out_path.exists():
+        return set()
+    # every row is written as one JSON text plus "\n" (json.dumps escapes newlines), so only the text after the
+    # last "\n" can be incomplete
+    *complete, tail = out_path.read_bytes().split(b"\n")
+    if tail.strip():
+        warn(f"[runner] {out_path}: dropping an unfinished last line ({len(tail)} bytes) left by an interrupted run")
+        out_path.write_bytes(b"".join(line + b"\n" for line in complete))
+    done = set()
+    for number, line in enumerate(complete, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvaluationInputError(f"{out_path}, line {number} is not valid JSON ({e}) and is not the last line; "
+                                       "the file was edited or two runs wrote to it: delete it and re-run") from e
+        key = str(row.get("id"))
+        item = items_by_id.get(key)
+        if item is None or row.get("prompt") != item["prompt"]:
+            raise EvaluationInputError(f"{out_path} holds a prediction for id {key!r} that is not in this prompt file "
+                                       "(or has another prompt); it belongs to another run: use another --out")
+        if checkpoint is not None and row.get("checkpoint") != checkpoint:
+            raise EvaluationInputError(f"{out_path} was written with checkpoint {row.get('checkpoint')!r}, not "
+                                       f"{checkpoint!r}; use another --out (or delete the file) to evaluate this one")
+        done.add(key)
+    return done
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the two modes
+
+def entities_to_json(entities) -> list:
+    return [[phrase, [int(span[0]), int(span[1])], [[float(v) for v in box] for box in boxes]]
+            for phrase, span, boxes in entities]
+
+
+def generate_rows(model, batch: Sequence[dict], max_new_tokens: int, batch_size: int) -> list[dict]:
+    results = model.ground([item["image"] for item in batch], [item["prompt"] for item in batch],
+                           max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if len(results) != len(batch):
+        raise RuntimeError(f"model.ground returned {len(results)} results for {len(batch)} prompts")
+    return [{"id": item["id"], "image": item["image"], "prompt": item["prompt"], "raw": result.raw,
+             "text": result.text, "entities": entities_to_json(result.entities)}
+            for item, result in zip(batch, results)]
+
+
+def score_rows(model, batch: Sequence[dict], batch_size: int) -> list[dict]:
+    """One model.score call for every (item, continuation) pair of the batch, regrouped per item."""
+    images, prompts, continuations = [], [], []
+    for item in batch:
+        for continuation in item["continuations"]:
+            images.append(item["image"])
+            prompts.append(item["prompt"])
+            continuations.append(continuation)
+    scores = [float(s) for s in model.score(images, prompts, continuations, batch_size=batch_size)]
+    if len(scores) != len(continuations):
+        raise RuntimeError(f"model.score returned {len(scores)} scores for {len(continuations)} continuations")
+    rows, start = [], 0
+    for item in batch:
+        end = start + len(item["continuations"])
+        rows.append({"id": item["id"], "image": item["image"], "prompt": item["prompt"],
+                     "continuations": item["continuations"], "scores": scores[start:end]})
+        start = end
+    return rows
+
+
+def run(model, items: Sequence[dict], out_path, batch_size: int = 8, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        limit: int | None = None, progress: bool = True, checkpoint: str | None = None) -> dict:
+    """Predict every item not yet in `out_path` and append the rows; returns counts.
+
+    checkpoint: recorded in every row and checked when resuming (None: neither).
+    """
+    if limit is not None:
+        items = items[:limit]
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    scoring = any("continuations" in item for item in items)
+    if scoring and not all("continuations" in item for item in items):
+        raise EvaluationInputError("some prompts have `continuations` and some do not; one prompt file, one mode")
+    done = finished_ids(out_path, {item["id"]: item for item in items}, checkpoint)
+    todo = [item for item in items if item["id"] not in done]
+    with open(out_path, "a", encoding="utf-8") as out, \
+            tqdm(total=len(items), initial=len(items) - len(todo), desc=out_path.name, unit="prompt",
+                 disable=not progress, file=sys.stderr) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            rows = score_rows(model, batch, batch_size) if scoring else generate_rows(model, batch, max_new_tokens,
+                                                                                       batch_size)
+            if checkpoint is not None:
+                for row in rows:
+                    row["checkpoint"] = checkpoint
+            out.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+            out.flush()  # a crash loses at most the batch in flight
+            bar.update(len(batch))
+    return {"prompts": len(items), "skipped_finished": len(done), "predicted": len(todo),
+            "mode": "score" if scoring else "generate"}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint path for kosmos2.api.Kosmos2.from_pretrained")
+    parser.add_argument("--prompts", required=True, help="cooked prompt file (JSONL or official lines)")
+    parser.add_argument("--out", required=True, help="predictions JSONL (appended to; finished ids are skipped)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--limit", type=int, default=None, help="only the first N prompts (smoke runs)")
+    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", help="float32 (the official evaluation), bfloat16 or float16")
+    args = parser.parse_args(argv)
+    try:
+        items = read_prompt_file(args.prompts)
+        model = load_model(args.checkpoint, args.device, args.dtype)
+        counts = run(model, items, args.out, args.batch_size, args.max_new_tokens, args.limit,
+                     checkpoint=str(Path(args.checkpoint).resolve()))
+    except EvaluationInputError as e:
+        sys.exit(f"error: {e}")
+    print(f"{args.out}: {counts['predicted']} predicted, {counts['skipped_finished']} already done "
+          f"({counts['mode']} mode, {counts['prompts']} prompts)")
+    return counts
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    main()
