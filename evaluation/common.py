@@ -333,9 +333,9 @@ def warn(message: str) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # results
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], digits: int = 4) -> str:
     def cell(value):
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
+        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"

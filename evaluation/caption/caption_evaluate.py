@@ -48,7 +48,7 @@ def evaluate(karpathy_file, prediction_file, prompt: str = DEFAULT_PROMPT, split
 def to_markdown(results: dict) -> str:
     names = list(results["scores"])
     return markdown_table(["split"] + [f"{n} (x100)" for n in names],
-                          [[results["split"]] + [results["scores"][n] for n in names]])
+                          [[results["split"]] + [results["scores"][n] for n in names]], digits=1)
 
 
 def main(argv=None):

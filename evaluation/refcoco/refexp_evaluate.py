@@ -89,7 +89,7 @@ def split_name(annotation_file) -> str:
 def to_markdown(results: dict) -> str:
     rows = [[f"{dataset} ({results['split']})"] + [100 * results["scores"][dataset][m] for m in METRICS]
             for dataset in results["scores"]]
-    return markdown_table(["dataset", "acc@0.5 (%)", "mean (%)", "upper bound (%)"], rows)
+    return markdown_table(["dataset", "acc@0.5 (%)", "mean (%)", "upper bound (%)"], rows, digits=2)
 
 
 def main(argv=None):

@@ -34,7 +34,8 @@ def evaluate(annotation_file, prediction_file, metrics=METRICS, tokenize: bool =
 def to_markdown(results: dict) -> str:
     names = list(results["scores"])
     return markdown_table(["RefCOCOg REG"] + [f"{n} (x100)" for n in names],
-                          [[os.path.basename(results["annotation_file"])] + [results["scores"][n] for n in names]])
+                          [[os.path.basename(results["annotation_file"])] + [results["scores"][n] for n in names]],
+                          digits=1)
 
 
 def main(argv=None):

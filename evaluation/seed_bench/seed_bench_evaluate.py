@@ -50,7 +50,7 @@ def evaluate(seed_bench_file, prediction_file) -> dict:
 
 def to_markdown(results: dict) -> str:
     rows = [["all", results["accuracy"]]] + [[k, v] for k, v in results["per_question_type"].items()]
-    return markdown_table(["SEED-Bench (image)", "accuracy (%)"], rows)
+    return markdown_table(["SEED-Bench (image)", "accuracy (%)"], rows, digits=2)
 
 
 def main(argv=None):

@@ -83,7 +83,7 @@ def write_submission(questions_file, prediction_file, out_path) -> Path:
 
 def to_markdown(results: dict) -> str:
     rows = [["overall", results["accuracy"]]] + [[f"answer type: {k}", v] for k, v in results["per_answer_type"].items()]
-    return markdown_table(["VQAv2", "accuracy (%)"], rows)
+    return markdown_table(["VQAv2", "accuracy (%)"], rows, digits=2)
 
 
 def main(argv=None):
