@@ -11,8 +11,9 @@ Prompt files come from the tasks' cook_data.py (JSONL: id, image, prompt[, conti
     parse; boxes are normalised to [0, 1].
   * score (`continuations` present, SEED-Bench): {"id", "image", "prompt", "continuations", "scores"}, the mean
     log-probability per token of each continuation given image + prompt.
-The output is appended batch by batch; re-running with the same --out skips the ids already there (a line cut off by a
-crash is dropped and redone), so a long evaluation survives interruption. --limit N keeps the first N prompts.
+Rows also record the checkpoint. The output is appended batch by batch; re-running with the same --out skips the ids
+already there (a line cut off by a crash is dropped and redone; a file written from other prompts or another checkpoint
+is refused), so a long evaluation survives interruption. --limit N keeps the first N prompts.
 
 Decoding is greedy (the official evaluation: beam 1, no-repeat-ngram 3). Every scored box comes right after its phrase,
 and greedy decoding of later tokens cannot change earlier ones, so --max-new-tokens only needs to cover the grounded
@@ -161,12 +162,12 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts (smoke runs)")
-    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", default="float32", help="float32 (the official evaluation), bfloat16 or float16")
     args = parser.parse_args(argv)
     try:
         items = read_prompt_file(args.prompts)
-        model = load_model(args.checkpoint, args.device, args.dtype)
+        model = load_model(args.checkpoint, args.device or default_device(), args.dtype)
         counts = run(model, items, args.out, args.batch_size, args.max_new_tokens, args.limit,
                      checkpoint=str(Path(args.checkpoint).resolve()))
     except EvaluationInputError as e:
@@ -176,12 +177,10 @@ def main(argv=None):
     return counts
 
 
-def _cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 if __name__ == "__main__":

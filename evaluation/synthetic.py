@@ -92,8 +92,7 @@ def main(argv=None):
     out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(args.checkpoint)
     try:
         sets = eval_sets(Path(args.data_dir))
-        model = runner.load_model(args.checkpoint, args.device or ("cuda" if runner._cuda_available() else "cpu"),
-                                  args.dtype)
+        model = runner.load_model(args.checkpoint, args.device or runner.default_device(), args.dtype)
         outcomes = [evaluate_set(model, spec, out_dir, args, str(Path(args.checkpoint).resolve())) for spec in sets]
     except EvaluationInputError as e:
         sys.exit(f"error: {e}")

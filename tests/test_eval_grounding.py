@@ -401,3 +401,14 @@ def test_flickr_sentence_parser_handles_multi_type_phrases(tmp_path):
     sentences = flickr.parse_sentences(path)
     assert [p["phrase"] for p in sentences[0]] == ["A man", "a hat", "a man", "the sea"]
     assert sentences[1][0] == {"phrase": "Two kids", "phrase_id": "5", "phrase_types": ["people", "other"]}
+
+
+def test_refexp_iou_exactly_half_is_a_hit(tmp_path):
+    # cells (0,0)..(9,0) share a row, so they decode to cell edges: [0, 0, 100, 10] px on a 320 px image;
+    # GT [0, 0, 100, 20]: IoU 1000 / 2000 = 0.5, and the threshold is ">= 0.5"
+    ann = tmp_path / "a.json"
+    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "x.jpg", "caption": "bar", "dataset_name": "refcoco",
+                                           "height": 320, "width": 320}],
+                               "annotations": [{"id": 3, "image_id": 1, "bbox": [0, 0, 100, 20]}]}))
+    pred = write_jsonl(tmp_path / "p.jsonl", [{"id": "3", "raw": "<phrase>bar</phrase>" + obj((cell(0, 0), cell(9, 0)))}])
+    assert refexp.evaluate(ann, pred)["scores"]["refcoco"]["acc@0.5"] == 1.0

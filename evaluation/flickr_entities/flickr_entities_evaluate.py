@@ -32,7 +32,7 @@ import os
 import sys
 import xml.etree.ElementTree as ET
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -105,7 +105,6 @@ class PhraseTarget:
     width: float           # size that predicted (normalised) boxes are scaled by
     height: float
     phrase: str = ""
-    notes: list = field(default_factory=list)
 
 
 def targets_from_flickr_entities(annotation: dict, flickr_entities_path, official_compat: bool = False) -> list[PhraseTarget]:
