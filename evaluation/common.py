@@ -128,7 +128,7 @@ def boxes_for_phrase(raw: str, phrase: str, quantized_size: int = 32, official: 
     (whitespace between `</phrase>` and `<object>` detaches the box from its phrase) and a case-sensitive `.strip()`
     comparison. Otherwise that whitespace is removed before parsing and names compare by `normalize_phrase`.
     """
-    from kosmos2 import grounding  # deferred: the text-only tasks never parse boxes
+    from kosmos2 import grounding  # deferred: `kosmos2` imports torch, which cooking scripts do not need
 
     text = text_after_image(raw)
     if official:
@@ -349,3 +349,11 @@ def write_results(results: dict, markdown: str, out_prefix) -> tuple[Path, Path]
     json_path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     md_path.write_text(markdown, encoding="utf-8")
     return json_path, md_path
+
+
+def report(results: dict, markdown: str, out_prefix=None) -> dict:
+    """What every scorer CLI ends with: print the table; with --out also write `<prefix>.json` and `<prefix>.md`."""
+    print(markdown)
+    if out_prefix:
+        write_results(results, markdown, out_prefix)
+    return results

@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from evaluation.caption.cook_data import DEFAULT_PROMPT, caption_items, references
 from evaluation.caption.metrics import ALL_METRICS, caption_scores
 from evaluation.common import (EvaluationInputError, continuation_after_prompt, first_sentence, load_predictions,
-                               markdown_table, missing_report, read_json, warn, write_results)
+                               markdown_table, missing_report, read_json, report, warn)
 
 
 def predicted_texts(items: list[dict], prediction_file, task: str) -> tuple[dict[str, str], int]:
@@ -64,10 +64,7 @@ def main(argv=None):
         results = evaluate(args.karpathy_file, args.prediction_file, args.prompt, args.split, args.metrics)
     except EvaluationInputError as e:
         sys.exit(f"error: {e}")
-    print(to_markdown(results))
-    if args.out:
-        write_results(results, to_markdown(results), args.out)
-    return results
+    return report(results, to_markdown(results), args.out)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from evaluation.common import (NO_BOX, EvaluationInputError, box_iou, boxes_for_phrase, load_predictions,
-                               markdown_table, missing_report, read_json, scale_box, warn, write_results, xywh_to_xyxy)
+                               markdown_table, missing_report, read_json, report, scale_box, warn, xywh_to_xyxy)
 from evaluation.flickr_entities.cook_data import image_key, phrase_items
 
 TOPK = (1, 5, 10)
@@ -252,10 +252,7 @@ def main(argv=None):
                            args.quantized_size, args.official_compat)
     except EvaluationInputError as e:
         sys.exit(f"error: {e}")
-    print(to_markdown(results))
-    if args.out:
-        write_results(results, to_markdown(results), args.out)
-    return results
+    return report(results, to_markdown(results), args.out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from evaluation.caption.caption_evaluate import predicted_texts
 from evaluation.caption.metrics import caption_scores
-from evaluation.common import EvaluationInputError, markdown_table, read_json, write_results
+from evaluation.common import EvaluationInputError, markdown_table, read_json, report
 from evaluation.reg.cook_data import box_prompt, referred_objects
 
 METRICS = ("METEOR", "CIDEr")
@@ -48,10 +48,7 @@ def main(argv=None):
         results = evaluate(args.annotation_file, args.prediction_file)
     except EvaluationInputError as e:
         sys.exit(f"error: {e}")
-    print(to_markdown(results))
-    if args.out:
-        write_results(results, to_markdown(results), args.out)
-    return results
+    return report(results, to_markdown(results), args.out)
 
 
 if __name__ == "__main__":

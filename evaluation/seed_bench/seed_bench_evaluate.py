@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from evaluation.common import (EvaluationInputError, load_predictions, markdown_table, missing_report, read_json, warn,
-                               write_results)
+                               report)
 from evaluation.seed_bench.cook_data import LETTERS, question_items
 
 
@@ -63,10 +63,7 @@ def main(argv=None):
         results = evaluate(args.seed_bench_file, args.prediction_file)
     except EvaluationInputError as e:
         sys.exit(f"error: {e}")
-    print(to_markdown(results))
-    if args.out:
-        write_results(results, to_markdown(results), args.out)
-    return results
+    return report(results, to_markdown(results), args.out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from evaluation.common import (EvaluationInputError, continuation_after_prompt, first_sentence, load_predictions,
-                               markdown_table, missing_report, read_json, warn, write_results)
+                               markdown_table, missing_report, read_json, report, warn)
 from evaluation.vqa.cook_data import question_items
 from evaluation.vqa.normalize import vqa_accuracy
 
@@ -101,10 +101,7 @@ def main(argv=None):
             print(f"wrote {write_submission(args.questions, args.prediction_file, args.submission)}")
         if args.annotations:
             results = evaluate(args.questions, args.annotations, args.prediction_file)
-            print(to_markdown(results))
-            if args.out:
-                write_results(results, to_markdown(results), args.out)
-            return results
+            return report(results, to_markdown(results), args.out)
     except EvaluationInputError as e:
         sys.exit(f"error: {e}")
 
