@@ -1,0 +1,47 @@
+"""Two small patches to stock fairseq 0.12 checkpointing, installed when the plugins are imported.
+
+1. Atomic checkpoint copies. fairseq writes the first checkpoint name of a save atomically (`.tmp` + rename) but
+   *copies* it to the others (e.g. `checkpoint_1_5000.pt` -> `checkpoint_last.pt`) with a plain `shutil.copyfile`:
+   a crash during that copy leaves a truncated `checkpoint_last.pt`, the very file a restart resumes from. Local
+   copies here go to a temporary file in the same folder and are renamed into place.
+2. Every rank's data position in the checkpoint. Only rank 0 writes checkpoints, but each rank reads its own shards;
+   right before a save (which every rank reaches at the same update) the ranks gather their loader states, so
+   `extra_state["train_iterator"]` holds all of them (the official fork did the same inside fairseq).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+from fairseq import checkpoint_utils
+from fairseq.file_io import PathManager
+
+_original_copy = PathManager.copy
+_original_save_checkpoint = checkpoint_utils.save_checkpoint
+
+
+def atomic_copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
+    if PathManager.path_requires_pathmanager(dst_path):
+        return _original_copy(src_path, dst_path, overwrite)
+    if not overwrite and os.path.exists(dst_path):
+        raise FileExistsError(f"{dst_path} exists and overwrite=False")
+    tmp = f"{dst_path}.tmp"
+    try:
+        shutil.copyfile(src_path, tmp)
+        os.replace(tmp, dst_path)  # atomic on POSIX: readers see the old file or the new one, never a partial one
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return True
+
+
+def save_checkpoint_with_rank_states(cfg, trainer, epoch_itr, val_loss):
+    if not cfg.no_save and trainer.data_parallel_world_size > 1 and hasattr(epoch_itr, "sync_rank_states"):
+        epoch_itr.sync_rank_states(group=trainer.data_parallel_process_group)
+    return _original_save_checkpoint(cfg, trainer, epoch_itr, val_loss)
+
+
+def install() -> None:
+    """Idempotent: importing the plugins twice must not wrap twice."""
+    PathManager.copy = staticmethod(atomic_copy)
+    checkpoint_utils.save_checkpoint = save_checkpoint_with_rank_states

@@ -1,0 +1,154 @@
+"""fairseq model `unigptmodel` (archs `unigptmodel_xl`, `unigptmodel_tiny`): a registration shell around kosmos2.
+
+`UniGPTModel` *is* a `Kosmos2Model` (multiple inheritance, not a wrapper attribute), so its state dict keys are the
+official ones (`gpt_model.decoder.*`, `img_model.visual.*`, `img_connector.*`) and a training checkpoint loads in
+`kosmos2.checkpoint.load_model` and the official code alike. All model math stays in `kosmos2/model/`.
+
+Architecture resolution follows fairseq: flags given on the command line win, the arch function fills every other
+field from the preset `configs/models/{xl,tiny}.json` (spec §1.2). `build_model` writes the resolved
+`Kosmos2Config` back into `cfg.model`, so the checkpoint's `cfg.model` describes the model completely.
+"""
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from fairseq.dataclass import FairseqDataclass
+from fairseq.models import BaseFairseqModel, register_model, register_model_architecture
+from omegaconf import open_dict
+
+from kosmos2.checkpoint import UNUSED_OFFICIAL_KEYS, official_cfg_model
+from kosmos2.config import Kosmos2Config, load_preset
+from kosmos2.model.kosmos2 import Kosmos2Model
+from kosmos2.model.vision import load_open_clip_visual
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class UniGPTConfig(FairseqDataclass):
+    # Sizes default to None: the arch function fills them from the preset unless given on the command line.
+    decoder_layers: Optional[int] = field(default=None, metadata={"help": "decoder layers"})
+    decoder_embed_dim: Optional[int] = field(default=None, metadata={"help": "decoder width"})
+    decoder_ffn_embed_dim: Optional[int] = field(default=None, metadata={"help": "decoder FFN width"})
+    decoder_attention_heads: Optional[int] = field(default=None, metadata={"help": "decoder attention heads"})
+    dropout: Optional[float] = field(default=None, metadata={"help": "dropout on embeddings, residuals and FFN output"})
+    attention_dropout: Optional[float] = field(default=None, metadata={"help": "connector attention dropout (the decoder's "
+                                                                                  "flash path has none, spec §1.3)"})
+    activation_dropout: Optional[float] = field(default=None, metadata={"help": "dropout after the FFN activation"})
+    layernorm_eps: Optional[float] = field(default=None, metadata={"help": "LayerNorm epsilon"})
+    max_target_positions: Optional[int] = field(default=None, metadata={"help": "default: --tokens-per-sample"})
+    checkpoint_activations: bool = field(default=False, metadata={"help": "recompute decoder layer activations in backward"})
+    # Official flags that name the only implemented design; accepted (train.sh passes them) and recorded.
+    subln: bool = field(default=False, metadata={"help": "Magneto sub-LN (always on; recorded for the official cfg)"})
+    flash_attention: bool = field(default=False, metadata={"help": "memory-efficient attention (always: SDPA)"})
+    sope_rel_pos: bool = field(default=False, metadata={"help": "built but unused by the official model (spec §10.1)"})
+    # image side
+    image_encoder: str = field(default="clip", metadata={"help": "only 'clip' exists"})
+    visual_model_name: Optional[str] = field(default=None, metadata={"help": "ViT-L-14 (xl) or tiny-vit (tiny)"})
+    visual_output_dim: Optional[int] = field(default=None, metadata={"help": "ViT width (features are taken before proj)"})
+    visual_pretrained: Optional[str] = field(default=None, metadata={"help": "open_clip state dict for the ViT, e.g. ViT-L-14-sd.pt"})
+    image_size: Optional[int] = field(default=None, metadata={"help": "ViT input resolution"})
+    patch_size: Optional[int] = field(default=None, metadata={"help": "ViT patch size"})
+    vision_width: Optional[int] = field(default=None, metadata={"help": "ViT width"})
+    vision_layers: Optional[int] = field(default=None, metadata={"help": "ViT layers"})
+    vision_heads: Optional[int] = field(default=None, metadata={"help": "ViT heads"})
+    vision_mlp_ratio: Optional[float] = field(default=None, metadata={"help": "ViT MLP ratio"})
+    latent_query_num: Optional[int] = field(default=None, metadata={"help": "image slots per image (connector queries)"})
+    connector: str = field(default="xconnector", metadata={"help": "only 'xconnector' exists"})
+    connector_heads: Optional[int] = field(default=None, metadata={"help": "connector cross-attention heads"})
+    no_freeze_all: bool = field(default=False, metadata={"help": "train the ViT too (official: a no-op, spec §1.8)"})
+
+
+PRESET_FIELDS = [f.name for f in dataclasses.fields(Kosmos2Config) if f.name not in ("extra", "arch")]
+
+
+def apply_preset(cfg, preset: str) -> None:
+    """Arch function body: every field not set on the command line comes from the preset (fairseq convention)."""
+    values = load_preset(preset).to_dict()
+    for name in PRESET_FIELDS:
+        if getattr(cfg, name, None) is None and name in values:
+            setattr(cfg, name, values[name])
+    if getattr(cfg, "visual_output_dim", None) is None:
+        cfg.visual_output_dim = cfg.vision_width
+    # the official train.sh passes these; the model implements exactly this design either way
+    cfg.subln = cfg.flash_attention = True
+
+
+def kosmos2_config(cfg, vocab_size: int, tokens_per_sample: int) -> Kosmos2Config:
+    values = {name: getattr(cfg, name, None) for name in PRESET_FIELDS}
+    values.update(arch=getattr(cfg, "_name", None) or getattr(cfg, "arch", None) or "unigptmodel_xl",
+                  vocab_size=vocab_size, freeze_image_encoder=not getattr(cfg, "no_freeze_all", False),
+                  max_target_positions=getattr(cfg, "max_target_positions", None) or tokens_per_sample)
+    if values["image_size"] and values["patch_size"] is None:
+        raise ValueError("patch_size is unset: pick an --arch (unigptmodel_xl or unigptmodel_tiny) so the preset fills it")
+    return Kosmos2Config.from_dict(values)
+
+
+@register_model("unigptmodel", dataclass=UniGPTConfig)
+class UniGPTModel(Kosmos2Model, BaseFairseqModel):
+    """Kosmos2Model with fairseq's model API (build_model, set_num_updates, load_state_dict with upgrades)."""
+
+    @classmethod
+    def build_model(cls, cfg, task):
+        kcfg = kosmos2_config(cfg, len(task.dictionary), task.cfg.tokens_per_sample)
+        record_resolved_config(cfg, kcfg)
+        model = cls(kcfg)
+        logger.info("built %s; %s trainable of %s parameters (ViT %s)", kcfg.summary(),
+                    f"{model.num_parameters(trainable_only=True):,}", f"{model.num_parameters():,}",
+                    "trainable" if model.image_encoder_trainable else "frozen")
+        if getattr(cfg, "visual_pretrained", None):
+            load_visual_pretrained(model, cfg.visual_pretrained)
+        return model
+
+    def forward(self, src_tokens, img_src_tokens=None, img_gpt_input_mask=None, logits_mask=None, **kwargs):
+        """With `logits_mask` [B,T] bool: logits only at the marked positions, [N,V]. The loss needs nothing else,
+        and in a GRIT batch most positions are image slots (64 of ~100), so this skips most of the vocab projection."""
+        if logits_mask is None:
+            return super().forward(src_tokens, img_src_tokens, img_gpt_input_mask, **kwargs)
+        hidden = super().forward(src_tokens, img_src_tokens, img_gpt_input_mask, return_hidden=True, **kwargs)
+        return self.decoder.output_projection(hidden[logits_mask])
+
+    def max_positions(self):
+        return self.cfg.max_target_positions
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        # The released kosmos-2.pt carries two buffers the model never uses (spec §2.2): drop them, so that
+        # `--restore-file kosmos-2.pt --reset-optimizer ...` works as well as our own checkpoints.
+        state_dict = {k: v for k, v in state_dict.items() if k not in UNUSED_OFFICIAL_KEYS}
+        return super().load_state_dict(state_dict, strict, model_cfg, args)
+
+
+def record_resolved_config(cfg, kcfg: Kosmos2Config) -> None:
+    """Write the resolved config into cfg.model (the trainer saves this very node as the checkpoint's cfg.model), so
+    that kosmos2.checkpoint.load_model and the HF converter rebuild the model without guessing."""
+    resolved = official_cfg_model(kcfg)
+    resolved.pop("_name", None)  # fairseq's registry key (the arch name) stays
+    with open_dict(cfg):
+        for key, value in resolved.items():
+            cfg[key] = value
+
+
+def load_visual_pretrained(model: Kosmos2Model, path: str) -> None:
+    """`--visual-pretrained`: an open_clip / OpenAI CLIP state dict for the ViT (e.g. ViT-L-14-sd.pt)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--visual-pretrained {path}: no such file. Pass an open_clip ViT state dict "
+                                f"(official: ViT-L-14-sd.pt), or drop the flag to start the ViT from random init "
+                                f"(or from --init-from-file)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    ignored = load_open_clip_visual(model.img_model.visual, state)
+    logger.info("loaded ViT weights from %s (%d non-visual keys ignored)", path, len(ignored))
+
+
+@register_model_architecture("unigptmodel", "unigptmodel_xl")
+def unigptmodel_xl(cfg):
+    apply_preset(cfg, "xl")
+
+
+@register_model_architecture("unigptmodel", "unigptmodel_tiny")
+def unigptmodel_tiny(cfg):
+    apply_preset(cfg, "tiny")

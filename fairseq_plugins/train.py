@@ -1,0 +1,104 @@
+"""`python -m fairseq_plugins.train [fairseq-train flags]`: fairseq-train with the Kosmos-2 plugins loaded.
+
+The counterpart of the official `kosmos-2/train.py` (fairseq_cli.train after `import unilm`). On top of loading the
+plugins it fixes three things stock fairseq 0.12 gets wrong on today's stack, before any process starts:
+
+* `--bf16` makes fairseq switch to TPU mode (options.py: "bf16 implies --tpu"). On a GPU that is undone (bf16 runs
+  on CUDA); on CPU it is refused with a clear message instead of a torch_xla import error.
+* Processes started by `torchrun` are detected by fairseq, which then computes the device as
+  `rank % torch.cuda.device_count()`, a division by zero on CPU. The launcher's LOCAL_RANK is used instead.
+* `--cpu` with the default NCCL backend cannot work: gloo is selected.
+
+A run that stops because fp16 training hit the minimum loss scale exits with a one-paragraph explanation.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+# fairseq_cli.train's logging setup, done here because importing the plugins first would otherwise leave Python's
+# default format in place (fairseq_cli.train's basicConfig is then a no-op)
+logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", datefmt="%Y-%m-%d %H:%M:%S",
+                    level=os.environ.get("LOGLEVEL", "INFO").upper(), stream=sys.stdout)
+
+import fairseq_plugins  # noqa: F401  (registers the task, model, criterion, optimizer; installs the glue)
+from fairseq import options
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+from fairseq.distributed import utils as distributed_utils
+from fairseq_cli import train as fairseq_train
+
+logger = logging.getLogger("fairseq_plugins.train")
+PLUGIN_DIR = os.path.dirname(os.path.abspath(fairseq_plugins.__file__))
+TORCHRUN_VARS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
+
+
+class UsageError(ValueError):
+    """A flag combination that cannot work; the message says what to change."""
+
+
+def with_user_dir(argv: list[str]) -> list[str]:
+    """Spawned workers re-import the plugins from cfg.common.user_dir, so it must be set even when we run as -m."""
+    if any(a == "--user-dir" or a.startswith("--user-dir=") for a in argv):
+        return argv
+    return ["--user-dir", PLUGIN_DIR, *argv]
+
+
+def fix_precision_flags(args, argv: list[str]) -> None:
+    if not getattr(args, "bf16", False):
+        return
+    if "--tpu" in argv:
+        return  # a real TPU run: leave fairseq's behaviour alone
+    if args.cpu:
+        raise UsageError("--bf16 with --cpu: fairseq 0.12 treats bf16 as 'run on a TPU' and fails without torch_xla. "
+                         "Train on CPU in fp32 (drop --bf16), or use a GPU for bf16.")
+    args.tpu = False  # bf16 on CUDA: FP16Optimizer keeps fp32 master weights, no loss scaling
+
+
+def check_optimizer_flags(args) -> None:
+    memory_efficient = getattr(args, "memory_efficient_fp16", False) or getattr(args, "memory_efficient_bf16", False)
+    if memory_efficient and args.optimizer == "torch_adamw":
+        raise UsageError("--optimizer torch_adamw keeps Adam moments in the parameter dtype, so it cannot run with "
+                         "--memory-efficient-fp16/bf16 (no fp32 master weights). Use --optimizer adam there (fp32 "
+                         "moments, the official recipe), or --fp16/--bf16 (fp32 master weights) with torch_adamw.")
+
+
+def fix_distributed_flags(args) -> None:
+    if args.cpu and args.distributed_backend == "nccl":
+        args.distributed_backend = "gloo"  # NCCL needs GPUs
+    if all(v in os.environ for v in TORCHRUN_VARS) and args.distributed_init_method is None:
+        args.distributed_init_method = "env://"
+        args.distributed_world_size = int(os.environ["WORLD_SIZE"])
+        args.distributed_rank = int(os.environ["RANK"])
+        args.device_id = int(os.environ.get("LOCAL_RANK", 0))
+        args.distributed_no_spawn = True
+
+
+def parse(argv: list[str]):
+    argv = with_user_dir(argv)
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, input_args=argv)
+    fix_precision_flags(args, argv)
+    check_optimizer_flags(args)
+    fix_distributed_flags(args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse(argv)
+    except UsageError as err:
+        sys.exit(f"error: {err}")
+    cfg = convert_namespace_to_omegaconf(args)
+    try:
+        distributed_utils.call_main(cfg, fairseq_train.main)
+    except FloatingPointError as err:
+        # fairseq raises this when fp16 loss scaling cannot recover (every step overflows) or fp32 grads are NaN
+        sys.exit(f"error: training stopped: {err}\nThe last good state is {cfg.checkpoint.save_dir}/checkpoint_last.pt "
+                 f"(crash.pt holds the failing one). Lower --lr, raise --warmup-updates, check --clip-norm, or train "
+                 f"with --bf16 instead of fp16.")
+
+
+if __name__ == "__main__":
+    main()
