@@ -87,10 +87,13 @@ class SelfAttention(nn.Module):
                 cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
         q, k, v = self._split(self.q_proj(x)), self._split(self.k_proj(x)), self._split(self.v_proj(x))
         if cache is not None:
+            # The cache may be wider than the weights (fp32 for a bf16 model on CPU, see KVCache.for_model): attention
+            # then runs in the cache's dtype, which on CPU is many times faster than torch's bf16 SDPA kernels.
             k, v = cache.write(layer_idx, k, v)
+            q = q.to(k.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                              dropout_p=self.dropout if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(x.shape)
+        out = out.transpose(1, 2).reshape(x.shape).to(x.dtype)
         return self.out_proj(self.inner_attn_ln(out))
 
 
