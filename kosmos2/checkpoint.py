@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import tempfile
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .config import Kosmos2Config
-from .safe_pickle import safe_torch_load
+from .safe_pickle import UnsafeCheckpointError, safe_torch_load
 
 # Buffers of the official checkpoint that the forward never uses (spec §2.2): tolerated, never required.
 UNUSED_OFFICIAL_KEYS = ("gpt_model.decoder.embed_positions._float_tensor", "gpt_model.decoder.self_attn_sope.scale")
@@ -209,7 +210,9 @@ def _read_hf(folder: Path) -> tuple[dict, dict]:
 def _read_official(path: Path) -> tuple[dict, dict]:
     try:
         state = safe_torch_load(path)
-    except (RuntimeError, EOFError, OSError) as exc:
+    except UnsafeCheckpointError:
+        raise
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:  # e.g. a text file named *.pt
         raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint ({type(exc).__name__}: {exc}); "
                               f"is the file complete?") from exc
     if not isinstance(state, dict):

@@ -210,6 +210,9 @@ def test_clear_errors(small, tmp_path):
     (tmp_path / "trunc.pt").write_bytes(b"PK\x03\x04garbage")
     with pytest.raises(CheckpointError, match="could not be read"):
         load_state(tmp_path / "trunc.pt")
+    (tmp_path / "text.pt").write_text("hello")  # not a zip and not a valid pickle either
+    with pytest.raises(CheckpointError, match="could not be read"):
+        load_state(tmp_path / "text.pt")
     hf = tmp_path / "bert"
     save_hf(model, cfg, hf)
     (hf / "config.json").write_text('{"model_type": "bert"}')
