@@ -179,3 +179,16 @@ def test_row_parse_reasons(line, reason):
     with pytest.raises(BadSample) as err:
         parse_grit_row(line)
     assert err.value.reason == reason
+
+
+@pytest.mark.parametrize("size, only_resize", [((90, 60), False), ((50, 77), False), ((64, 64), False), ((90, 60), True)])
+def test_numpy_transform_is_bit_identical_to_kosmos2_image(size, only_resize):
+    from kosmos2.data.grit import build_image_transform
+    from kosmos2.image import inference_transform, train_transform
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    ours = build_image_transform(32, only_resize)(image)
+    reference = (inference_transform(32) if only_resize else train_transform(32))(image).numpy()
+    assert ours.dtype == np.float32 and ours.shape == (3, 32, 32)
+    assert np.array_equal(ours, reference)

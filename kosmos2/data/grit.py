@@ -11,12 +11,12 @@ checkpointed one of the stream (the official used Python's global, unseeded `ran
 """
 from __future__ import annotations
 
-import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
 from kosmos2.data.collate import Sample, image_block
 from kosmos2.data.grounding_labels import GroundingSettings, grounded_caption_ids, grounded_spans
@@ -38,28 +38,30 @@ class GritSettings:
 
 
 def build_image_transform(image_size: int, only_resize: bool):
-    """PIL RGB -> float32 [3,S,S] numpy: the training transform of spec §1.5 (`kosmos2.image.train_transform`), or
-    with --training-image-only-resize the square bicubic resize (= `kosmos2.image.inference_transform`)."""
-    from kosmos2 import image as image_lib
+    """PIL image -> float32 [3,S,S] numpy: the training transform of spec §1.5 (short-side bicubic resize, centre
+    crop with torchvision's offsets, /255, CLIP mean/std) or, with --training-image-only-resize, the square resize.
 
-    transform = image_lib.inference_transform(image_size) if only_resize else image_lib.train_transform(image_size)
-    built_in = os.getpid()
+    Same arithmetic as `kosmos2.image.train_transform` / `inference_transform` (a test checks bit-equality), but
+    in numpy: these run inside forked prefetch workers, where touching torch after the parent has used its OpenMP
+    pool deadlocks (observed: a warm parent + 224 px images hangs the first batch)."""
+    from kosmos2.image import CLIP_MEAN, CLIP_STD, load_image, short_side_resize_size
 
-    def to_numpy(image) -> np.ndarray:
-        if os.getpid() != built_in:
-            # inside a forked prefetch worker: one intra-op thread, like torch DataLoader workers (no OpenMP pool
-            # inherited from the parent, no oversubscription of the cores the trainer uses)
-            _single_threaded_torch()
-        return transform(image).numpy()
+    mean = np.asarray(CLIP_MEAN, dtype=np.float32)[:, None, None]
+    std = np.asarray(CLIP_STD, dtype=np.float32)[:, None, None]
 
-    return to_numpy
+    def transform(image) -> np.ndarray:
+        rgb = load_image(image)
+        if only_resize:
+            view = rgb.resize((image_size, image_size), Image.BICUBIC)
+        else:
+            w, h = short_side_resize_size(*rgb.size, image_size)
+            resized = rgb.resize((w, h), Image.BICUBIC) if (w, h) != rgb.size else rgb
+            left, top = int(round((w - image_size) / 2.0)), int(round((h - image_size) / 2.0))
+            view = resized.crop((left, top, left + image_size, top + image_size))
+        pixels = np.asarray(view, dtype=np.uint8).astype(np.float32).transpose(2, 0, 1) / np.float32(255.0)
+        return (pixels - mean) / std
 
-
-def _single_threaded_torch() -> None:
-    import torch
-
-    if torch.get_num_threads() != 1:
-        torch.set_num_threads(1)
+    return transform
 
 
 class GritSampleMaker:
