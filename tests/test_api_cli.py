@@ -220,3 +220,21 @@ def test_cli_error_as_subprocess(assets):
     proc = run_cli("--checkpoint", assets["ckpt"], "--image", assets["images"] / "nope.png")
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "nope.png" in proc.stderr
+
+
+def test_official_vocabulary_prompt_layout(official_assets, tmp_path):
+    """With the released tokenizer files the demo's "Brief" prompt is spec §7.3's 71 ids."""
+    tok = Kosmos2Tokenizer.from_dir(official_assets)
+    cfg = small_config(len(tok), decoder_embed_dim=32, decoder_ffn_embed_dim=64, decoder_attention_heads=2,
+                       latent_query_num=64, connector_heads=2)
+    model = random_model(cfg, seed=0, embed_scale=1.0)
+    save_official(model, cfg, tmp_path / "kosmos-2.pt")
+    kosmos = Kosmos2.from_pretrained(tmp_path / "kosmos-2.pt", tokenizer=official_assets)
+    ids, mask = kosmos.prompt_ids(1, DEFAULT_PROMPT)
+    assert ids[:67] == [0, 64003, *range(4, 68), 64004]
+    assert ids[67] == 64012 and len(ids) == 71 and sum(mask) == 64
+    assert tok.convert_ids_to_tokens(ids[68:]) == ["▁An", "▁image", "▁of"]
+    assert (ids, mask) == tuple(tok.image_prompt(DEFAULT_PROMPT))
+    image = Image.new("RGB", (40, 30), (200, 10, 10))
+    result = kosmos.ground([image], max_new_tokens=3, semantics="hf")[0]
+    assert result.raw.startswith("<grounding> An image of") and result.text.startswith("An image of")
