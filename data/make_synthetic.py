@@ -120,7 +120,7 @@ def write_flickr(out: Path, rng: random.Random, split: str, num_images: int, ima
         original_id = start_id + n
         scene = syn.sample_scene(rng, image_size, image_size)
         save_jpeg(syn.draw_scene(scene), folder / "images" / f"{original_id}.jpg")
-        caption, noun_chunks, _ = syn.scene_caption(rng, scene, low_score_prob=0.0)
+        caption, noun_chunks, _ = syn.scene_caption(rng, scene, low_score_prob=0.0, spaced_punctuation=True)
         spans = [(c[0], c[1], k + 1, shape.kind) for k, (c, shape) in enumerate(zip(noun_chunks, scene.shapes))]
         (entities / "Sentences" / f"{original_id}.txt").write_text(flickr_sentence(caption, spans) + "\n")
         (entities / "Annotations" / f"{original_id}.xml").write_text(

@@ -181,22 +181,29 @@ def expression_caption(rng: random.Random, scene: Scene, low_score_prob: float) 
     return text, noun_chunks, ref_exps
 
 
-def scene_caption(rng: random.Random, scene: Scene, low_score_prob: float) -> tuple[str, list, list]:
-    """A descriptive caption naming every shape ("a red circle and a blue square on a gray background.")."""
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def scene_caption(rng: random.Random, scene: Scene, low_score_prob: float, spaced_punctuation: bool = False) -> tuple[str, list, list]:
+    """A descriptive caption naming every shape ("a red circle and a blue square on a gray background.").
+
+    `spaced_punctuation` writes "circle , a" and "background ." (Flickr30k sentences are whitespace-tokenised)."""
+    comma, stop = (" , ", " .") if spaced_punctuation else (", ", ".")
     w, h = scene.width, scene.height
     parts, chunks = [], []
     text = rng.choice(["", "a picture of ", "there is "])
     for i, shape in enumerate(scene.shapes):
         if i:
-            text += " and " if i == len(scene.shapes) - 1 else ", "
+            text += " and " if i == len(scene.shapes) - 1 else comma
         start = len(text)
-        text += f"a {shape.name}"
+        text += f"{article(shape.colour)} {shape.name}"
         chunks.append(_entry(start, len(text), shape.norm_box(w, h), _shape_score(rng, low_score_prob)))
         parts.append(shape)
     bg_start = len(text) + len(" on a ")
     text += f" on a {scene.background} background"
     background_chunk = _entry(bg_start, len(text), [0.0, 0.0, 1.0, 1.0], rng.uniform(*LOW_SCORE_RANGE))
-    text += "."
+    text += stop
     noun_chunks = chunks + [background_chunk]
     ref_exps = [list(c) for c in noun_chunks]  # GRIT copies a noun chunk without expansion into ref_exps
     return text, noun_chunks, ref_exps
@@ -241,13 +248,13 @@ def text_document(rng: random.Random) -> str:
         lines.append(rng.choice([
             f"{FACTS[kind]}.",
             f"the {colour} {kind} is easy to see on a {rng.choice(sorted(BACKGROUNDS))} background.",
-            f"there is a {colour} {kind} next to a {rng.choice(sorted(COLOURS))} {rng.choice(SHAPES)}.",
+            f"there is {article(colour)} {colour} {kind} next to a {rng.choice(SHAPES)}.",
         ]))
     return "\n".join(lines)
 
 
 def describe_scene(scene: Scene) -> str:
-    names = [f"a {s.name}" for s in scene.shapes]
+    names = [f"{article(s.colour)} {s.name}" for s in scene.shapes]
     listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     return f"this image shows {listed} on a {scene.background} background."
 

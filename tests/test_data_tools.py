@@ -1,0 +1,135 @@
+"""prepare_grit / generate_config / make_synthetic: formats, resumability, determinism, eval-set compatibility."""
+import hashlib
+import io
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "data"))
+import generate_config  # noqa: E402
+import make_synthetic  # noqa: E402
+import prepare_grit  # noqa: E402
+
+from kosmos2.data.rows import decode_image, parse_grit_row  # noqa: E402
+
+
+def small_corpus(out: Path, seed=0) -> dict:
+    return make_synthetic.build(make_synthetic.parse_args([
+        "--out", str(out), "--seed", str(seed), "--num-images", "60", "--eval-images", "3", "--text-docs", "10",
+        "--interleaved-docs", "3", "--shard-size", "25", "--workers", "1", "--quiet"]))
+
+
+def tree_digest(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "manifest.json"}
+
+
+def test_synthetic_corpus_is_deterministic(tmp_path):
+    small_corpus(tmp_path / "a")
+    small_corpus(tmp_path / "b")
+    a, b = tree_digest(tmp_path / "a"), tree_digest(tmp_path / "b")
+    assert a == b and len(a) > 100
+    small_corpus(tmp_path / "c", seed=1)
+    assert tree_digest(tmp_path / "c") != a
+
+
+def test_tsv_rows_round_trip_the_json(tmp_path):
+    summary = small_corpus(tmp_path)["grit"]
+    assert summary == {"shards": 3, "samples": 60, "rows_written": 60, "caption_only_rows": 0, "skipped": {}}
+    first = (tmp_path / "grit" / "grit_00000.tsv").read_text().splitlines()[0]
+    columns = first.split("\t")
+    row = parse_grit_row(first)
+    meta = json.loads((tmp_path / "raw" / "00000" / "000000000.json").read_text())
+    assert len(columns) == 6 and row.caption == meta["caption"] and (row.width, row.height) == (meta["width"], meta["height"])
+    assert row.annotations == {"phrase": meta["noun_chunks"], "expression_v1": meta["ref_exps"]}
+    assert decode_image(row.image_b64).size == (meta["width"], meta["height"])
+    assert columns[0] == hashlib.md5(__import__("base64").b64decode(columns[2])).hexdigest()
+    config = json.loads((tmp_path / "grit" / "json" / "train.json").read_text())
+    assert config == [{"source": ["grit_00000.tsv", "grit_00001.tsv", "grit_00002.tsv"], "source_lang": "grit",
+                       "weight": 1.0, "name": "grit"}]
+
+
+def write_sample(folder: Path, key: str, caption: str, image_bytes: bytes | None, extra: dict | None = None):
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"caption": caption, "width": 40, "height": 30, "noun_chunks": [[0, 3, 0.1, 0.1, 0.5, 0.5, 0.9]],
+              "ref_exps": [[0, 3, 0.1, 0.1, 0.5, 0.5, 0.9]], **(extra or {})}
+    (folder / f"{key}.json").write_text(json.dumps(record))
+    if image_bytes is not None:
+        (folder / f"{key}.jpg").write_bytes(image_bytes)
+
+
+def jpeg_bytes(size=(40, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (1, 2, 3)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_prepare_grit_skips_by_reason_cleans_captions_and_resumes(tmp_path):
+    raw = tmp_path / "raw" / "00000"
+    write_sample(raw, "000000000", "a dog\twith\na ball", jpeg_bytes())
+    write_sample(raw, "000000001", "no image here", None)
+    write_sample(raw, "000000002", "   ", jpeg_bytes())
+    write_sample(raw, "000000003", "not a jpeg", b"garbage")
+    write_sample(raw, "000000004", "caption only", jpeg_bytes(), extra={"noun_chunks": None, "ref_exps": None})
+    (raw / "000000005.json").write_text("{broken")
+    (raw / "000000005.jpg").write_bytes(jpeg_bytes())
+    (tmp_path / "raw" / "00000_stats.json").write_text("{}")  # img2dataset statistics file, not a sample
+    out = tmp_path / "tsv"
+    summary = prepare_grit.prepare([str(tmp_path / "raw")], out, shard_size=4, workers=1, progress=False)
+    assert summary["samples"] == 6 and summary["rows_written"] == 2
+    assert summary["skipped"] == {"missing_image": 1, "empty_caption": 1, "undecodable_image": 1, "bad_json": 1}
+    lines = (out / "grit_00000.tsv").read_text().splitlines()
+    assert parse_grit_row(lines[0]).caption == "a dog with a ball"  # same length: spans stay valid
+    # re-running finds both shards finished and rewrites nothing
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*.tsv")}
+    assert prepare_grit.prepare([str(tmp_path / "raw")], out, shard_size=4, workers=1, progress=False) == summary
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*.tsv")} == mtimes
+
+
+def test_prepare_grit_reads_tar_shards(tmp_path):
+    folder = tmp_path / "files"
+    for i in range(3):
+        write_sample(folder, f"{i:09d}", f"cat number {i}", jpeg_bytes())
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for path in sorted(folder.iterdir()):
+            tar.add(path, arcname=path.name)
+    summary = prepare_grit.prepare([str(tmp_path / "00000.tar")], tmp_path / "out", shard_size=10, workers=1, progress=False)
+    assert summary["rows_written"] == 3
+    captions = [parse_grit_row(l).caption for l in (tmp_path / "out" / "grit_00000.tsv").read_text().splitlines()]
+    assert captions == ["cat number 0", "cat number 1", "cat number 2"]
+
+
+def test_generate_config_accepts_any_path(tmp_path):
+    (tmp_path / "my shards").mkdir()
+    (tmp_path / "my shards" / "part-1.tsv").write_text("")
+    out = generate_config.generate_config(tmp_path, name="grit")
+    assert json.loads(out.read_text())[0]["source"] == ["my shards/part-1.tsv"]
+    with pytest.raises(SystemExit, match="no files match"):
+        generate_config.generate_config(tmp_path / "my shards", pattern="*.jsonl")
+
+
+def test_eval_sets_load_in_the_evaluation_scripts(tmp_path):
+    from evaluation.flickr_entities.cook_data import phrase_items
+    from evaluation.flickr_entities.flickr_entities_evaluate import targets_from_flickr_entities, targets_from_json
+    from evaluation.refcoco.cook_data import expression_items
+
+    small_corpus(tmp_path)
+    refcoco = json.loads((tmp_path / "eval" / "refcoco" / "finetune_refcoco_val.json").read_text())
+    items = expression_items(refcoco, str(tmp_path / "eval" / "refcoco" / "images"))
+    assert len(items) >= 3 and all(Path(i["image"]).is_file() for i in items)
+    assert all(i["prompt"] == f"<grounding><phrase>{i['expression']}</phrase>" for i in items)
+    for item in items:  # the GT box is the described shape's pixel box inside the image
+        x, y, w, h = item["bbox"]
+        assert w > 0 and h > 0 and x + w <= item["width"] and y + h <= item["height"]
+    flickr = json.loads((tmp_path / "eval" / "flickr" / "final_flickr_separateGT_test.json").read_text())
+    phrases = phrase_items(flickr, str(tmp_path / "eval" / "flickr" / "images"))
+    from_xml = targets_from_flickr_entities(flickr, tmp_path / "eval" / "flickr" / "flickr30k_entities")
+    from_json = targets_from_json(flickr)
+    assert len(phrases) == len(from_xml) == len(from_json) > 0
+    for a, b in zip(from_xml, from_json):
+        assert [list(map(float, box)) for box in a.boxes] == [list(map(float, box)) for box in b.boxes]
