@@ -241,6 +241,8 @@ def init_from_file(model: torch.nn.Module, path: str) -> dict:
             continue
         weights[key] = fitted
         report["resized" if value.shape != target[key].shape else "loaded"].append(key)
+    if TIED_KEYS[0] in weights:
+        weights[TIED_KEYS[1]] = weights[TIED_KEYS[0]]  # the head is tied to the embedding (HF folders omit it)
     report["missing"] = sorted(set(target) - set(weights))
     model.load_state_dict(weights, strict=False)
     logger.info("--init-from-file %s (%s): %d tensors loaded, %d resized %s, %d dropped %s, %d kept from init %s",

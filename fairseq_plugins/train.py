@@ -16,11 +16,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
-# fairseq_cli.train's logging setup, done here because importing the plugins first would otherwise leave Python's
-# default format in place (fairseq_cli.train's basicConfig is then a no-op)
+# fairseq_cli.train's logging setup (format, level, stdout). `python -m fairseq_plugins.train` imports the package
+# first, and fairseq's imports already configure the root logger (default format, stderr), so it is replaced (force).
 logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", datefmt="%Y-%m-%d %H:%M:%S",
-                    level=os.environ.get("LOGLEVEL", "INFO").upper(), stream=sys.stdout)
+                    level=os.environ.get("LOGLEVEL", "INFO").upper(), stream=sys.stdout, force=True)
+
+# fairseq 0.12 drives hydra through long-deprecated entry points; the warnings say nothing actionable to a user
+warnings.filterwarnings("ignore", message=r"(?s).*(hydra|Hydra|ConfigStore|strict flag|_group_)", category=UserWarning)
 
 import fairseq_plugins  # noqa: F401  (registers the task, model, criterion, optimizer; installs the glue)
 from fairseq import options

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Kosmos-2 training (fairseq + fairseq_plugins/).
+#
+#   bash train.sh                 the embedded default: sets up .venv, builds the synthetic shapes corpus, trains the
+#                                 tiny preset on CPU (~10 min on 2 cores), then grounds the held-out referring
+#                                 expressions; the last line printed is `grounding_acc@0.5: X`.
+#   bash train.sh FLAGS...        fairseq-train with the plugins; FLAGS are any fairseq-train flags, e.g. the recipes
+#                                 `bash train.sh $(bash configs/train/xl_official.sh)` (see docs/training.md).
+#
+# Multi-process / multi-node runs go through torchrun, configured by the environment:
+#   NNODES (default: $SLURM_NNODES or 1)        NODE_RANK (default: $SLURM_NODEID or 0)
+#   NPROC_PER_NODE (default: number of GPUs, 1 without GPUs)
+#   MASTER_ADDR (default: first host of $SLURM_JOB_NODELIST, else 127.0.0.1)   MASTER_PORT (default 29500)
+# Under SLURM start one task per node (`srun --ntasks-per-node=1 bash train.sh FLAGS...`); torchrun starts the
+# per-GPU processes.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+PY=.venv/bin/python
+export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore::FutureWarning,ignore::DeprecationWarning}"
+
+gpu_count() {
+  if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi -L 2>/dev/null | grep -c '^GPU' || echo 0; else echo 0; fi
+}
+
+slurm_master() {
+  if [[ -n "${SLURM_JOB_NODELIST:-}" ]] && command -v scontrol >/dev/null 2>&1; then
+    scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1
+  else
+    echo 127.0.0.1
+  fi
+}
+
+launch() {
+  local nnodes="${NNODES:-${SLURM_NNODES:-1}}"
+  local node_rank="${NODE_RANK:-${SLURM_NODEID:-0}}"
+  local gpus; gpus="$(gpu_count)"
+  local nproc="${NPROC_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}"
+  if [[ "$nnodes" -eq 1 && "$nproc" -eq 1 ]]; then
+    "$PY" -m fairseq_plugins.train "$@"
+  else
+    local master_addr="${MASTER_ADDR:-$(slurm_master)}" master_port="${MASTER_PORT:-29500}"
+    echo "[train.sh] torchrun: $nnodes node(s) x $nproc process(es), node rank $node_rank, master $master_addr:$master_port"
+    .venv/bin/torchrun --nnodes "$nnodes" --node_rank "$node_rank" --nproc_per_node "$nproc" \
+      --master_addr "$master_addr" --master_port "$master_port" -m fairseq_plugins.train "$@"
+  fi
+}
+
+default_run() {
+  local data=data/synthetic out=output/tiny start=$SECONDS
+  bash vl_setup_xl.sh
+  if [[ ! -f "$data/manifest.json" ]]; then
+    echo "[train.sh] building the synthetic corpus in $data"
+    "$PY" data/make_synthetic.py --out "$data" --quiet
+  fi
+  mkdir -p "$out"
+  # kosmos2 looks for the tokenizer next to the checkpoint (kosmos2.tokenizer.find_tokenizer_files)
+  cp "$data/tokenizer/sentencepiece.bpe.model" "$data/tokenizer/dict.txt" "$out/"
+  echo "[train.sh] training unigptmodel_tiny on CPU -> $out (re-running resumes from $out/checkpoint_last.pt)"
+  # shellcheck disable=SC2046  # the recipe prints one flag per word
+  launch $(bash configs/train/tiny_cpu.sh "$data" "$out")
+  echo "[train.sh] setup + data + training took $(( SECONDS - start )) s; evaluating"
+  "$PY" -m evaluation.synthetic --checkpoint "$out/checkpoint_last.pt" --data-dir "$data/eval" --quiet
+}
+
+if [[ $# -eq 0 ]]; then
+  default_run
+else
+  launch "$@"
+fi
