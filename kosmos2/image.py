@@ -38,7 +38,11 @@ class ImageLoadError(ValueError):
 
 
 class ImageSizeError(ValueError):
-    """The image is smaller or larger than the configured limits."""
+    """The image is smaller or larger than the configured limits; `.size` is its (width, height)."""
+
+    def __init__(self, message: str, size: tuple[int, int] | None = None):
+        super().__init__(message)
+        self.size = size
 
 
 def _describe(source) -> str:
@@ -83,9 +87,10 @@ def _check_size(image: Image.Image, source, min_size: int, max_pixels: int | Non
     if max_pixels is not None and w * h > max_pixels:
         raise ImageSizeError(f"{_describe(source)} is {w}x{h} = {w * h} pixels, more than max_pixels={max_pixels} "
                              "(decompression-bomb guard); pass a larger max_pixels (or None) if you trust the file, "
-                             "or downscale it first")
+                             "or downscale it first", size=(w, h))
     if w < min_size or h < min_size:
-        raise ImageSizeError(f"{_describe(source)} is {w}x{h}, smaller than min_size={min_size} pixels per side")
+        raise ImageSizeError(f"{_describe(source)} is {w}x{h}, smaller than min_size={min_size} pixels per side",
+                             size=(w, h))
 
 
 def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:

@@ -1,0 +1,1 @@
+"""The local Gradio demo (`bash run_gradio.sh`); see docs/demo.md."""
