@@ -11,6 +11,11 @@ Layout of OUT:
     eval/refcoco/finetune_refcoco_{val,testA}.json + images/            MDETR RefCOCO layout (bbox xywh pixels)
     eval/flickr/final_flickr_separateGT_{val,test}.json + images/       MDETR Flickr30k-Entities layout
     eval/flickr/flickr30k_entities/{val,test}.txt, Annotations/*.xml, Sentences/*.txt   (what the Flickr scorer reads)
+    eval/caption/dataset_synthetic.json + images/                    Karpathy split file (test + a few val images)
+    eval/reg/finetune_refcocog_{val,train}.json + images/             MDETR RefCOCOg layout, 1-3 expressions per object
+    eval/vqa/v2_OpenEnded_mscoco_{val2014,test-dev2015}_questions.json, v2_mscoco_val2014_annotations.json,
+        val2014/COCO_val2014_<id:012d>.jpg, test2015/COCO_test2015_<id:012d>.jpg        official VQAv2 layout
+    eval/seed_bench/SEED-Bench.json + images/                         SEED-Bench layout (4 choices; 2 video questions)
     manifest.json                                   arguments, counts, timings
 
 See kosmos2/data/synthetic.py for why the scenes look the way they do (learnable in minutes by the tiny preset).
@@ -21,6 +26,7 @@ import argparse
 import io
 import json
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -142,6 +148,145 @@ def write_flickr(out: Path, rng: random.Random, split: str, num_images: int, ima
     return texts
 
 
+# ----------------------------------------------------------------------------- evaluation sets of the other tasks
+
+CAPTION_PROMPT = "An image of"   # evaluation/caption/cook_data.py DEFAULT_PROMPT; the prompts' text is given to the
+VQA_PROMPT = "Question: {question} Answer:"  # tokenizer too, so that no prompt character is unknown to it
+
+
+def karpathy_tokens(raw: str) -> list[str]:
+    """Karpathy's `tokens`: lower-cased words without punctuation."""
+    return re.findall(r"[a-z0-9]+", raw.lower())
+
+
+def write_caption(out: Path, rng: random.Random, num_images: int, image_size: int, start_id: int = 800000) -> list[str]:
+    """Karpathy-style `dataset_synthetic.json` (as dataset_flickr30k.json: `filename`, no `filepath`, ids = file stems):
+    a few `val` images first (the cook must skip them), then `num_images` `test` images, 2-5 references each."""
+    folder = out / "eval" / "caption"
+    images, texts, sentid = [], [], 0
+    for split, count in (("val", max(1, num_images // 10)), ("test", num_images)):
+        for _ in range(count):
+            imgid = len(images)
+            file_name = f"{start_id + imgid}.jpg"
+            scene = syn.sample_scene(rng, image_size, image_size)
+            save_jpeg(syn.draw_scene(scene), folder / "images" / file_name)
+            references = syn.caption_references(rng, scene)
+            sentences = [{"tokens": karpathy_tokens(raw), "raw": raw, "imgid": imgid, "sentid": sentid + k}
+                         for k, raw in enumerate(references)]
+            images.append({"sentids": [s["sentid"] for s in sentences], "imgid": imgid, "sentences": sentences,
+                           "split": split, "filename": file_name})
+            sentid += len(sentences)
+            texts += references + [f"{CAPTION_PROMPT} {references[0]}"]
+    (folder / "dataset_synthetic.json").write_text(json.dumps({"images": images, "dataset": "synthetic"}))
+    return texts
+
+
+def write_reg(out: Path, rng: random.Random, split: str, num_images: int, image_size: int, start_id: int) -> list[str]:
+    """MDETR RefCOCOg layout for expression generation: per object 1-3 distinct referring expressions, each one
+    `images` entry (caption = expression) + one `annotations` entry whose `original_id` is the object's id (what
+    evaluation/reg/cook_data.py groups the references by) and whose `bbox` is the object's box."""
+    folder = out / "eval" / "reg"
+    images, annotations, texts = [], [], []
+    object_id = start_id * 10
+    for n in range(num_images):
+        original_id = start_id + n
+        scene = syn.sample_scene(rng, image_size, image_size)
+        save_jpeg(syn.draw_scene(scene), folder / "images" / f"{original_id:06d}.jpg")
+        for target in scene.shapes:
+            object_id += 1
+            wanted, expressions = rng.randint(1, 3), []
+            for _ in range(8):
+                expression, _ = syn.referring_expression(rng, scene, target)
+                if expression not in expressions:
+                    expressions.append(expression)
+                if len(expressions) == wanted:
+                    break
+            box = xywh(target)
+            for expression in expressions:
+                images.append({"file_name": f"{original_id:06d}.jpg", "height": image_size, "width": image_size,
+                               "id": len(images), "original_id": original_id, "caption": expression,
+                               "dataset_name": "refcocog", "tokens_negative": [[0, len(expression)]],
+                               "tokens_positive": [[0, len(expression)]]})
+                annotations.append({"area": box[2] * box[3], "iscrowd": 0, "image_id": images[-1]["id"],
+                                    "category_id": 1, "id": len(annotations), "bbox": box, "original_id": object_id,
+                                    "tokens_positive": [[0, len(expression)]]})
+                texts += [expression, f"It is {expression}."]
+    data = {"images": images, "annotations": annotations,
+            "categories": [{"supercategory": "shape", "id": 1, "name": "shape"}]}
+    (folder / f"finetune_refcocog_{split}.json").write_text(json.dumps(data))
+    return texts
+
+
+VQA_INFO = {"description": "synthetic shapes questions in the VQAv2 layout (data/make_synthetic.py)", "version": "2.0",
+            "year": 2017, "contributor": "kosmos2", "date_created": "2017-04-26"}
+VQA_LICENSE = {"url": "https://creativecommons.org/licenses/by/4.0/", "name": "CC BY 4.0"}
+
+
+def write_vqa(out: Path, rng: random.Random, subtype: str, num_images: int, image_size: int,
+              with_annotations: bool) -> list[str]:
+    """Official VQAv2 files: `v2_OpenEnded_mscoco_<subtype>_questions.json` and, for val, `v2_mscoco_<subtype>_
+    annotations.json` (10 answers per question); images `COCO_<folder>_<image_id:012d>.jpg` in `<folder>/`, where
+    the folder of test-dev2015 is test2015 as on the COCO site. question_id = image_id * 1000 + k, as in VQAv2."""
+    folder = out / "eval" / "vqa"
+    image_subtype = "test2015" if subtype == "test-dev2015" else subtype
+    questions, annotations, texts = [], [], []
+    for n in range(num_images):
+        image_id = n + 1
+        scene = syn.sample_scene(rng, image_size, image_size)
+        save_jpeg(syn.draw_scene(scene), folder / image_subtype / f"COCO_{image_subtype}_{image_id:012d}.jpg")
+        for k, q in enumerate(syn.vqa_questions(rng, scene)):
+            question_id = image_id * 1000 + k
+            questions.append({"image_id": image_id, "question": q["question"], "question_id": question_id})
+            human = syn.vqa_human_answers(rng, q)
+            annotations.append({
+                "question_type": q["question_type"], "multiple_choice_answer": q["answer"],
+                "answers": [{"answer": a, "answer_confidence": "yes" if a == q["answer"] else "maybe",
+                             "answer_id": i + 1} for i, a in enumerate(human)],
+                "image_id": image_id, "answer_type": q["answer_type"], "question_id": question_id})
+            texts.append(f"{VQA_PROMPT.format(question=q['question'])} {q['answer']}")
+    (folder / f"v2_OpenEnded_mscoco_{subtype}_questions.json").write_text(json.dumps({
+        "info": VQA_INFO, "task_type": "Open-Ended", "data_type": "mscoco", "license": VQA_LICENSE,
+        "data_subtype": subtype, "questions": questions}))
+    if with_annotations:
+        (folder / f"v2_mscoco_{subtype}_annotations.json").write_text(json.dumps({
+            "info": VQA_INFO, "license": VQA_LICENSE, "data_subtype": subtype, "annotations": annotations,
+            "data_type": "mscoco"}))
+    return texts
+
+
+SEED_VIDEO_QUESTIONS = [  # SEED-Bench.json also holds video questions (dimensions 10-12); the image cook skips them
+    {"answer": "B", "choice_a": "moving a circle to the left", "choice_b": "moving a square to the right",
+     "choice_c": "turning a triangle over", "choice_d": "dropping a diamond", "data_id": "1.webm",
+     "data_type": "video", "question": "What is the action being carried out in the video?", "question_id": "v1",
+     "question_type_id": 10},
+    {"answer": "D", "choice_a": "lift circle", "choice_b": "move square", "choice_c": "open triangle",
+     "choice_d": "turn diamond", "data_id": "P01/P01_01.MP4", "data_type": "video",
+     "question": "Please anticipate what action will occur following the end of this video.", "question_id": "v2",
+     "question_type_id": 11, "segment": [1.0, 3.0]},
+]
+
+
+def write_seed_bench(out: Path, rng: random.Random, num_images: int, image_size: int) -> list[str]:
+    """`SEED-Bench.json` (`questions` with choice_a..choice_d, `answer` letter, `data_id` = image file name,
+    `data_type`, `question_type_id`; `question_type` names) + `images/<data_id>`. Like the CC3M files of
+    SEED-Bench-image, the image files are named by their data_id, without an extension."""
+    folder = out / "eval" / "seed_bench"
+    questions, texts = [], []
+    for n in range(num_images):
+        data_id = f"{1000000 + n}_{rng.randrange(10 ** 9, 10 ** 10)}"
+        scene = syn.sample_scene(rng, image_size, image_size)
+        save_jpeg(syn.draw_scene(scene), folder / "images" / data_id)
+        for q in syn.seed_questions(rng, scene):
+            questions.append({"answer": "ABCD"[q["answer"]],
+                              **{f"choice_{letter}": choice for letter, choice in zip("abcd", q["choices"])},
+                              "data_id": data_id, "data_type": "image", "question": q["question"],
+                              "question_id": str(100000 + len(questions)), "question_type_id": q["question_type_id"]})
+            texts += [f"{VQA_PROMPT.format(question=q['question'])} {choice}" for choice in q["choices"]]
+    data = {"questions": questions + SEED_VIDEO_QUESTIONS, "question_type": syn.SEED_QUESTION_TYPES}
+    (folder / "SEED-Bench.json").write_text(json.dumps(data))
+    return texts
+
+
 # ----------------------------------------------------------------------------- text, interleaved, tokenizer
 
 def write_text_corpus(out: Path, rng: random.Random, num_docs: int) -> list[str]:
@@ -205,6 +350,14 @@ def build(args) -> dict:
         eval_texts += write_refcoco(out, random.Random(f"{args.seed}-refcoco-{split}"), split, args.eval_images, args.image_size, 100000 * (k + 1))
     for k, split in enumerate(("val", "test")):
         eval_texts += write_flickr(out, random.Random(f"{args.seed}-flickr-{split}"), split, args.eval_images, args.image_size, 500000 + 100000 * k)
+    # the other tasks' sets, each from its own generator (adding them left every file above unchanged)
+    eval_texts += write_caption(out, random.Random(f"{args.seed}-caption"), args.eval_images, args.image_size)
+    for split, count, start_id in (("val", args.eval_images, 300000), ("train", max(4, args.eval_images // 5), 400000)):
+        eval_texts += write_reg(out, random.Random(f"{args.seed}-reg-{split}"), split, count, args.image_size, start_id)
+    for subtype, count in (("val2014", args.eval_images), ("test-dev2015", max(2, args.eval_images // 5))):
+        eval_texts += write_vqa(out, random.Random(f"{args.seed}-vqa-{subtype}"), subtype, count, args.image_size,
+                                with_annotations=subtype == "val2014")
+    eval_texts += write_seed_bench(out, random.Random(f"{args.seed}-seed_bench"), args.eval_images, args.image_size)
     text_lines = write_text_corpus(out, random.Random(f"{args.seed}-text"), args.text_docs)
     interleaved_texts = write_interleaved(out, random.Random(f"{args.seed}-interleaved"), args.interleaved_docs, args.image_size)
     lap("eval_text_interleaved")
@@ -225,7 +378,8 @@ def parse_args(argv=None):
     parser.add_argument("--expression-frac", type=float, default=0.6, help="share of captions that are one referring expression")
     parser.add_argument("--low-score-prob", type=float, default=0.05, help="share of shape boxes with a score under 0.65")
     parser.add_argument("--overlap-prob", type=float, default=0.1, help="share of scenes whose shapes may overlap")
-    parser.add_argument("--eval-images", type=int, default=100, help="images per evaluation split")
+    parser.add_argument("--eval-images", type=int, default=100, help="images per evaluation split (the REG demonstration "
+                        "split and VQA test-dev get a fifth of it, the captioning val split a tenth)")
     parser.add_argument("--text-docs", type=int, default=500)
     parser.add_argument("--interleaved-docs", type=int, default=200)
     parser.add_argument("--vocab-size", type=int, default=320, help="sentencepiece pieces (upper bound)")

@@ -5,7 +5,7 @@
 source "$(dirname "$0")/_env.sh"
 if [[ $# -lt 4 ]]; then sed -n 2,4p "$0"; exit 2; fi
 checkpoint=$1 ann_json=$2 images=$3 entities=$4 quantized_size=${5:-32}
-if [[ $ann_json == *val* ]]; then split=val; else split=test; fi
+if [[ $(basename "$ann_json") == *val* ]]; then split=val; else split=test; fi   # the file name, not its folders
 prefix=$(out_prefix "$checkpoint" "flickr.$split")
 
 $PYTHON -m evaluation.flickr_entities.cook_data "$ann_json" "$images" --out "$prefix.prompts.jsonl"

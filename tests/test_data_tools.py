@@ -133,3 +133,64 @@ def test_eval_sets_load_in_the_evaluation_scripts(tmp_path):
     assert len(phrases) == len(from_xml) == len(from_json) > 0
     for a, b in zip(from_xml, from_json):
         assert [list(map(float, box)) for box in a.boxes] == [list(map(float, box)) for box in b.boxes]
+
+
+def test_task_sets_cook_with_one_true_answer_and_no_unknown_characters(tmp_path):
+    """The captioning / REG / VQAv2 / SEED-Bench sets: what each cook makes of them, their invariants, and a tokenizer
+    that encodes every prompt, reference and choice without <unk> (the end-to-end runs are in test_eval_synthetic_e2e)."""
+    from collections import Counter
+
+    from evaluation.caption.cook_data import caption_items, references
+    from evaluation.reg.cook_data import referred_objects, reg_items
+    from evaluation.seed_bench.cook_data import question_items as seed_items
+    from evaluation.vqa.cook_data import question_items as vqa_items
+    from kosmos2.tokenizer import Kosmos2Tokenizer
+
+    small_corpus(tmp_path)
+    ev = tmp_path / "eval"
+    texts = []
+
+    karpathy = json.loads((ev / "caption" / "dataset_synthetic.json").read_text())
+    items = caption_items(karpathy, str(ev / "caption" / "images"))
+    assert len(items) == 3 and {i["split"] for i in karpathy["images"]} == {"val", "test"}
+    refs = references(karpathy)
+    for item in items:
+        assert Path(item["image"]).is_file() and 2 <= len(refs[item["id"]]) == len(set(refs[item["id"]])) <= 5
+        texts += [item["prompt"] + " " + r for r in refs[item["id"]]]
+
+    val = json.loads((ev / "reg" / "finetune_refcocog_val.json").read_text())
+    demos = referred_objects(json.loads((ev / "reg" / "finetune_refcocog_train.json").read_text()),
+                             str(ev / "reg" / "images"))
+    objects = referred_objects(val, str(ev / "reg" / "images"))
+    assert len(demos) >= 4 and len(objects) < len(val["annotations"])  # some objects have several expressions
+    for obj in objects:
+        assert 1 <= len(obj["references"]) == len(set(obj["references"])) <= 3 and Path(obj["image"]).is_file()
+    for item in reg_items(val, str(ev / "reg" / "images"), shots=4, demos=demos):
+        assert len(item["image"]) == 5 and all(Path(i).is_file() for i in item["image"])
+        texts += item["prompt"]
+
+    for subtype, image_folder in (("val2014", "val2014"), ("test-dev2015", "test2015")):
+        questions = json.loads((ev / "vqa" / f"v2_OpenEnded_mscoco_{subtype}_questions.json").read_text())
+        assert questions["data_subtype"] == subtype
+        for item in vqa_items(questions, str(ev / "vqa")):
+            assert Path(item["image"]).is_file() and f"/{image_folder}/COCO_{image_folder}_" in item["image"]
+            texts.append(item["prompt"])
+    annotations = json.loads((ev / "vqa" / "v2_mscoco_val2014_annotations.json").read_text())["annotations"]
+    for ann in annotations:
+        answers = Counter(a["answer"] for a in ann["answers"])
+        majority, count = answers.most_common(1)[0]
+        assert len(ann["answers"]) == 10 and majority == ann["multiple_choice_answer"] and count >= 8
+        assert ann["answer_type"] in {"yes/no", "number", "other"}
+        texts.append(ann["multiple_choice_answer"])
+
+    seed = json.loads((ev / "seed_bench" / "SEED-Bench.json").read_text())
+    items = seed_items(seed, str(ev / "seed_bench" / "images"))
+    assert 0 < len(items) < len(seed["questions"])  # video questions skipped
+    for item, q in zip(items, [q for q in seed["questions"] if q["data_type"] == "image"]):
+        assert Path(item["image"]).is_file() and len(set(item["continuations"])) == 4 and q["answer"] in "ABCD"
+        assert q["question_type_id"] in seed["question_type"].values()
+        texts += [item["prompt"] + c for c in item["continuations"]]
+
+    tok = Kosmos2Tokenizer.from_dir(tmp_path / "tokenizer")
+    unknown = [t for t in texts if tok.unk in tok.encode_prompt(t)]
+    assert not unknown, unknown[:3]

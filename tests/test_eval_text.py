@@ -117,6 +117,10 @@ def test_vqa_cook_uses_the_coco_layout():
                                                                        "question": "Why? "}]}, "/coco")
     assert items == [{"id": "7", "image": "/coco/test2015/COCO_test2015_000000000009.jpg",
                       "prompt": "Question: Why? Answer:", "question_id": 7}]
+    # the test-dev questions file names its subset test-dev2015; its images are COCO's test2015 files
+    items = question_items({"data_subtype": "test-dev2015", "questions": [{"question_id": 7, "image_id": 9,
+                                                                           "question": "Why?"}]}, "/coco")
+    assert items[0]["image"] == "/coco/test2015/COCO_test2015_000000000009.jpg"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Cook VQAv2 zero-shot prompts from the official questions file (spec §8.4): `Question: {question} Answer:`.
 
 No `<grounding>` token: the answer is free text. Images follow the COCO layout named by the file's `data_subtype`:
-`<image_root>/<subtype>/COCO_<subtype>_<image_id:012d>.jpg` (val2014 for val, test2015 for test-dev).
+`<image_root>/<subtype>/COCO_<subtype>_<image_id:012d>.jpg` (val2014 for val). The test-dev questions file says
+`test-dev2015`, but test-dev is a subset of the COCO test2015 images, which COCO ships as
+`test2015/COCO_test2015_<id>.jpg`: that subtype maps to test2015.
 
     python -m evaluation.vqa.cook_data v2_OpenEnded_mscoco_test-dev2015_questions.json /data/coco --out vqa_testdev.jsonl
 """
@@ -17,12 +19,14 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from evaluation.common import EvaluationInputError, read_json, write_prompts
 
 PROMPT = "Question: {question} Answer:"
+IMAGE_SUBTYPE = {"test-dev2015": "test2015"}  # question subsets whose images live in another COCO folder
 
 
 def question_items(questions: dict, image_root: str = "") -> list[dict]:
     if "questions" not in questions:
         raise EvaluationInputError("questions file has no `questions` list; expected v2_OpenEnded_mscoco_*_questions.json")
     subtype = questions.get("data_subtype", "val2014")
+    subtype = IMAGE_SUBTYPE.get(subtype, subtype)
     items = []
     for q in questions["questions"]:
         file_name = f"COCO_{subtype}_{int(q['image_id']):012d}.jpg"

@@ -269,3 +269,141 @@ def canvas_size(rng: random.Random, image_size: int, non_square_prob: float) -> 
         return square_canvas(image_size)
     long = int(math.ceil(image_size * rng.uniform(1.15, 1.4)))
     return (long, image_size) if rng.random() < 0.5 else (image_size, long)
+
+
+# ----------------------------------------------------------------------------- evaluation tasks beyond grounding
+# Captioning references, VQA questions and SEED-Bench multiple-choice questions about one scene. Each draws from the
+# `rng` it is given only (make_synthetic gives every task its own seeded generator), and every answer is true of the
+# scene by construction: counts, colours, shapes and positions are read off the scene, never sampled.
+
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
+
+
+def _listing(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def true_positions(shape: Shape, scene: Scene) -> list[str]:
+    """Every absolute position phrase that holds for the shape (absolute_position returns only the first)."""
+    cx, cy = shape.centre(scene.width, scene.height)
+    return [phrase for phrase, holds in (("on the left", cx < 0.4), ("on the right", cx > 0.6),
+                                         ("at the top", cy < 0.4), ("at the bottom", cy > 0.6)) if holds]
+
+
+def caption_references(rng: random.Random, scene: Scene) -> list[str]:
+    """2-5 distinct reference captions of a scene (Karpathy `sentences[].raw`), in the style of the scene captions.
+
+    Lower case, one sentence ending with a period, like what the model writes after the prompt "An image of"."""
+    names = [f"{article(s.colour)} {s.name}" for s in scene.shapes]
+    listed, n = _listing(names), len(scene.shapes)
+    placed = [f"{name} {(true_positions(s, scene) or ['in the middle'])[0]}" for name, s in zip(names, scene.shapes)]
+    count = f"one shape on a {scene.background} background" if n == 1 else \
+        f"{NUMBER_WORDS[n]} shapes on a {scene.background} background"
+    candidates = [
+        f"{listed} on a {scene.background} background.",
+        f"a picture of {listed} on a {scene.background} background.",
+        describe_scene(scene),
+        f"{_listing(placed)}.",
+        f"{count}: {listed}.",
+        f"a {scene.background} background with {listed}.",
+    ]
+    candidates = list(dict.fromkeys(candidates))
+    return rng.sample(candidates, min(len(candidates), rng.randint(2, 5)))
+
+
+def vqa_questions(rng: random.Random, scene: Scene) -> list[dict]:
+    """2-3 VQAv2-style questions: {question, answer, answer_type, question_type, wrong} (`wrong`: plausible wrong
+    answers of the same kind, used for the few dissenting human answers). Question types follow VQAv2's prefixes."""
+    kinds = [s.kind for s in scene.shapes]
+    colours = [s.colour for s in scene.shapes]
+    n = len(scene.shapes)
+    pool = [{"question": "how many shapes are there?", "answer": str(n), "answer_type": "number",
+             "question_type": "how many", "wrong": [str(k) for k in range(1, 5) if k != n]},
+            {"question": "what color is the background?", "answer": scene.background, "answer_type": "other",
+             "question_type": "what color is the", "wrong": [b for b in sorted(BACKGROUNDS) if b != scene.background]}]
+    for shape in scene.shapes:
+        if kinds.count(shape.kind) == 1:
+            pool.append({"question": f"what color is the {shape.kind}?", "answer": shape.colour, "answer_type": "other",
+                         "question_type": "what color is the",
+                         "wrong": [c for c in sorted(COLOURS) if c != shape.colour]})
+        if colours.count(shape.colour) == 1:
+            pool.append({"question": f"which shape is {shape.colour}?", "answer": shape.kind, "answer_type": "other",
+                         "question_type": "which", "wrong": [k for k in SHAPES if k != shape.kind]})
+    present = rng.choice(scene.shapes)
+    absent = rng.choice([(c, k) for c in sorted(COLOURS) for k in SHAPES if (c, k) not in set(zip(colours, kinds))])
+    asked = present.name if rng.random() < 0.5 else f"{absent[0]} {absent[1]}"
+    yes = asked == present.name
+    pool.append({"question": f"is there {article(asked)} {asked}?", "answer": "yes" if yes else "no",
+                 "answer_type": "yes/no", "question_type": "is there a", "wrong": ["no" if yes else "yes"]})
+    return rng.sample(pool, min(len(pool), rng.randint(2, 3)))
+
+
+def vqa_human_answers(rng: random.Random, question: dict, dissent_prob: float = 0.3) -> list[str]:
+    """The 10 human answers: all the right answer, except (with dissent_prob) one or two plausible wrong ones."""
+    answers = [question["answer"]] * 10
+    if rng.random() < dissent_prob:
+        for index in rng.sample(range(10), rng.randint(1, 2)):
+            answers[index] = rng.choice(question["wrong"])
+    return answers
+
+
+# SEED-Bench evaluation dimensions (question_type_id), as in SEED-Bench.json's `question_type`
+SEED_QUESTION_TYPES = {
+    "Scene Understanding": 1, "Instance Identity": 2, "Instance Location": 3, "Instance Attributes": 4,
+    "Instances Counting": 5, "Spatial Relation": 6, "Instance Interaction": 7, "Visual Reasoning": 8,
+    "Text Understanding": 9, "Action Recognition": 10, "Action Prediction": 11, "Procedure Understanding": 12,
+}
+
+
+def _four_choices(rng: random.Random, right: str, others: list[str], shuffle: bool = True) -> tuple[list[str], int]:
+    choices = [right] + rng.sample(others, 3)
+    if shuffle:
+        rng.shuffle(choices)
+    else:
+        choices.sort()
+    return choices, choices.index(right)
+
+
+def seed_questions(rng: random.Random, scene: Scene) -> list[dict]:
+    """1-2 SEED-Bench-style image questions: {question, choices (4), answer (index), question_type_id}.
+
+    Exactly one choice is true of the scene. Questions read like SEED-Bench's (capitalised, "in the image")."""
+    kinds = [s.kind for s in scene.shapes]
+    colours = [s.colour for s in scene.shapes]
+    types = SEED_QUESTION_TYPES
+    pool = []
+    choices, answer = _four_choices(rng, scene.background, [b for b in sorted(BACKGROUNDS) if b != scene.background])
+    pool.append({"question": "What is the background color of the image?", "choices": choices, "answer": answer,
+                 "question_type_id": types["Scene Understanding"]})
+    counts = [str(k) for k in range(1, 5)]
+    choices, answer = _four_choices(rng, str(len(scene.shapes)), [c for c in counts if c != str(len(scene.shapes))],
+                                    shuffle=False)
+    pool.append({"question": "How many shapes are in the image?", "choices": choices, "answer": answer,
+                 "question_type_id": types["Instances Counting"]})
+    for shape in scene.shapes:
+        if kinds.count(shape.kind) == 1:
+            choices, answer = _four_choices(rng, shape.colour, [c for c in sorted(COLOURS) if c != shape.colour])
+            pool.append({"question": f"What color is the {shape.kind} in the image?", "choices": choices,
+                         "answer": answer, "question_type_id": types["Instance Attributes"]})
+        if colours.count(shape.colour) == 1:
+            choices, answer = _four_choices(rng, shape.kind, [k for k in SHAPES if k != shape.kind])
+            pool.append({"question": f"Which shape in the image is {shape.colour}?", "choices": choices,
+                         "answer": answer, "question_type_id": types["Instance Identity"]})
+        positions = true_positions(shape, scene)
+        if len(positions) == 1:  # unambiguous: a corner shape would make two choices true
+            choices, answer = _four_choices(rng, positions[0], [p for p in ("on the left", "on the right", "at the top",
+                                                                            "at the bottom") if p != positions[0]])
+            pool.append({"question": f"Where is the {shape.name} in the image?", "choices": choices,
+                         "answer": answer, "question_type_id": types["Instance Location"]})
+    for a in scene.shapes:
+        for b in scene.shapes:
+            (ax, ay), (bx, by) = a.centre(scene.width, scene.height), b.centre(scene.width, scene.height)
+            # only when the other axis is clearly not a relation too ("left of" and "above" both true is ambiguous)
+            rel = relation(a, b, scene) if a is not b and min(abs(bx - ax), abs(by - ay)) < 0.1 else None
+            if rel:
+                right = f"{rel} the {b.name}"
+                options = [f"{r} the {b.name}" for r in ("left of", "right of", "above", "below")]
+                choices, answer = _four_choices(rng, right, [o for o in options if o != right])
+                pool.append({"question": f"Where is the {a.name} relative to the {b.name}?", "choices": choices,
+                             "answer": answer, "question_type_id": types["Spatial Relation"]})
+    return rng.sample(pool, min(len(pool), rng.randint(1, 2)))
