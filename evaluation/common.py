@@ -11,6 +11,7 @@ reported; it is never dropped from the denominator.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
@@ -195,6 +196,25 @@ def write_prompts(path, items: Sequence[dict], official: bool = False) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for item in items:
             f.write(official_prompt_line(item) + "\n")
+
+
+def cook_parser(description: str, source: str, source_help: str, image_root_help: str,
+                official: bool = True) -> argparse.ArgumentParser:
+    """The command line every `cook_data.py` shares: SOURCE IMAGE_ROOT --out FILE [--official]."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(source, help=source_help)
+    parser.add_argument("image_root", help=image_root_help)
+    out_help = "prompt file to write (JSONL, or official lines with --official)" if official else "prompt file to write (JSONL)"
+    parser.add_argument("--out", required=True, help=out_help)
+    if official:
+        parser.add_argument("--official", action="store_true", help="write official `[image]...<tab>...` lines")
+    return parser
+
+
+def finish_cooking(args: argparse.Namespace, items: Sequence[dict], what: str) -> None:
+    """Write the cooked prompts (official lines when `--official` was given) and say how many."""
+    write_prompts(args.out, items, official=getattr(args, "official", False))
+    print(f"wrote {len(items)} {what} to {args.out}")
 
 
 def parse_official_prompt_line(line: str, index: int) -> dict:

@@ -9,7 +9,6 @@ Input: Karpathy's `dataset_flickr30k.json` / `dataset_coco.json` (`images[]` wit
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from evaluation.common import EvaluationInputError, read_json, write_prompts
+from evaluation.common import EvaluationInputError, cook_parser, finish_cooking, read_json
 
 DEFAULT_PROMPT = "An image of"
 
@@ -48,17 +47,13 @@ def references(karpathy: dict, split: str = "test") -> dict[str, list[str]]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("karpathy_file", help="dataset_flickr30k.json or dataset_coco.json")
-    parser.add_argument("image_root", help="folder of the images (COCO: the folder holding val2014/)")
-    parser.add_argument("--out", required=True, help="prompt file to write (JSONL, or official lines with --official)")
+    parser = cook_parser(__doc__, "karpathy_file", "dataset_flickr30k.json or dataset_coco.json",
+                         "folder of the images (COCO: the folder holding val2014/)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--split", default="test")
-    parser.add_argument("--official", action="store_true", help="write official `[image]...<tab>...` lines")
     args = parser.parse_args(argv)
     items = caption_items(read_json(args.karpathy_file, "Karpathy split file"), args.image_root, args.prompt, args.split)
-    write_prompts(args.out, items, official=args.official)
-    print(f"wrote {len(items)} caption prompts to {args.out}")
+    finish_cooking(args, items, "caption prompts")
 
 
 if __name__ == "__main__":

@@ -13,14 +13,13 @@ continues with `<object>...`. The item order is the order the official `H-` line
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from evaluation.common import EvaluationInputError, read_json, write_prompts
+from evaluation.common import EvaluationInputError, cook_parser, finish_cooking, read_json
 
 LOCATE_TOKEN = "<grounding>"
 
@@ -54,15 +53,11 @@ def phrase_items(annotation: dict, image_root: str = "") -> list[dict]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("annotation_file", help="MDETR final_flickr_separateGT_{val,test}.json")
-    parser.add_argument("image_root", help="folder with the Flickr30k images (flickr30k-images/)")
-    parser.add_argument("--out", required=True, help="prompt file to write (JSONL, or official lines with --official)")
-    parser.add_argument("--official", action="store_true", help="write official `[image]...<tab>...` lines")
+    parser = cook_parser(__doc__, "annotation_file", "MDETR final_flickr_separateGT_{val,test}.json",
+                         "folder with the Flickr30k images (flickr30k-images/)")
     args = parser.parse_args(argv)
     items = phrase_items(read_json(args.annotation_file, "annotation file"), args.image_root)
-    write_prompts(args.out, items, official=args.official)
-    print(f"wrote {len(items)} phrase prompts to {args.out}")
+    finish_cooking(args, items, "phrase prompts")
 
 
 if __name__ == "__main__":

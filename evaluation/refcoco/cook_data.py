@@ -11,14 +11,13 @@ The image folder is train2014 when the file name says so, else val2014 (official
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from evaluation.common import EvaluationInputError, read_json, write_prompts
+from evaluation.common import EvaluationInputError, cook_parser, finish_cooking, read_json
 
 LOCATE_TOKEN = "<grounding>"
 
@@ -57,15 +56,11 @@ def expression_items(annotation: dict, image_root: str = "") -> list[dict]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("annotation_file", help="MDETR finetune_{refcoco,refcoco+,refcocog}_{split}.json")
-    parser.add_argument("image_root", help="COCO 2014 folder holding train2014/ (and val2014/)")
-    parser.add_argument("--out", required=True, help="prompt file to write (JSONL, or official lines with --official)")
-    parser.add_argument("--official", action="store_true", help="write official `[image]...<tab>...` lines")
+    parser = cook_parser(__doc__, "annotation_file", "MDETR finetune_{refcoco,refcoco+,refcocog}_{split}.json",
+                         "COCO 2014 folder holding train2014/ (and val2014/)")
     args = parser.parse_args(argv)
     items = expression_items(read_json(args.annotation_file, "annotation file"), args.image_root)
-    write_prompts(args.out, items, official=args.official)
-    print(f"wrote {len(items)} expression prompts to {args.out}")
+    finish_cooking(args, items, "expression prompts")
 
 
 if __name__ == "__main__":

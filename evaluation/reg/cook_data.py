@@ -16,7 +16,6 @@ generator seeded by (--seed, object id), so a prompt does not depend on which ot
 """
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import sys
@@ -24,7 +23,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from evaluation.common import EvaluationInputError, read_json, write_prompts
+from evaluation.common import EvaluationInputError, cook_parser, finish_cooking, read_json
 from evaluation.refcoco.cook_data import image_path
 
 QUERY = "<grounding>{markup} is"
@@ -76,19 +75,15 @@ def reg_items(annotation: dict, image_root: str = "", shots: int = 0, demos: lis
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("annotation_file", help="MDETR finetune_refcocog_{val,test}.json")
-    parser.add_argument("image_root", help="COCO 2014 folder holding train2014/")
-    parser.add_argument("--out", required=True, help="prompt file to write (JSONL, or official lines with --official)")
+    parser = cook_parser(__doc__, "annotation_file", "MDETR finetune_refcocog_{val,test}.json",
+                         "COCO 2014 folder holding train2014/")
     parser.add_argument("--shots", type=int, default=0, help="number of demonstrations (0 = zero-shot)")
     parser.add_argument("--demo_file", default=None, help="MDETR json the demonstrations come from (train split)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--official", action="store_true", help="write official `[image]...<tab>...` lines")
     args = parser.parse_args(argv)
     demos = referred_objects(read_json(args.demo_file, "demonstration file"), args.image_root) if args.demo_file else None
     items = reg_items(read_json(args.annotation_file, "annotation file"), args.image_root, args.shots, demos, args.seed)
-    write_prompts(args.out, items, official=args.official)
-    print(f"wrote {len(items)} {args.shots}-shot REG prompts to {args.out}")
+    finish_cooking(args, items, f"{args.shots}-shot REG prompts")
 
 
 if __name__ == "__main__":

@@ -10,14 +10,13 @@ of the tokens after `Answer:`.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from evaluation.common import EvaluationInputError, read_json, write_jsonl
+from evaluation.common import EvaluationInputError, cook_parser, finish_cooking, read_json
 
 PROMPT = "Question: {question} Answer:"
 CHOICE_KEYS = ("choice_a", "choice_b", "choice_c", "choice_d")
@@ -43,14 +42,11 @@ def question_items(seed_bench: dict, image_root: str = "") -> list[dict]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("seed_bench_file", help="SEED-Bench.json")
-    parser.add_argument("image_root", help="folder with the SEED-Bench image files (data_id names)")
-    parser.add_argument("--out", required=True, help="prompt file to write (JSONL)")
+    parser = cook_parser(__doc__, "seed_bench_file", "SEED-Bench.json",
+                         "folder with the SEED-Bench image files (data_id names)", official=False)
     args = parser.parse_args(argv)
     items = question_items(read_json(args.seed_bench_file, "SEED-Bench file"), args.image_root)
-    write_jsonl(args.out, items)
-    print(f"wrote {len(items)} image questions to {args.out}")
+    finish_cooking(args, items, "image questions")
 
 
 if __name__ == "__main__":

@@ -9,14 +9,13 @@ No `<grounding>` token: the answer is free text. Images follow the COCO layout n
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from evaluation.common import EvaluationInputError, read_json, write_prompts
+from evaluation.common import EvaluationInputError, cook_parser, finish_cooking, read_json
 
 PROMPT = "Question: {question} Answer:"
 IMAGE_SUBTYPE = {"test-dev2015": "test2015"}  # question subsets whose images live in another COCO folder
@@ -40,15 +39,11 @@ def question_items(questions: dict, image_root: str = "") -> list[dict]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("questions_file", help="v2_OpenEnded_mscoco_{val2014,test-dev2015}_questions.json")
-    parser.add_argument("image_root", help="COCO folder holding val2014/ or test2015/")
-    parser.add_argument("--out", required=True, help="prompt file to write (JSONL, or official lines with --official)")
-    parser.add_argument("--official", action="store_true", help="write official `[image]...<tab>...` lines")
+    parser = cook_parser(__doc__, "questions_file", "v2_OpenEnded_mscoco_{val2014,test-dev2015}_questions.json",
+                         "COCO folder holding val2014/ or test2015/")
     args = parser.parse_args(argv)
     items = question_items(read_json(args.questions_file, "questions file"), args.image_root)
-    write_prompts(args.out, items, official=args.official)
-    print(f"wrote {len(items)} question prompts to {args.out}")
+    finish_cooking(args, items, "question prompts")
 
 
 if __name__ == "__main__":
