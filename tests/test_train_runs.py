@@ -187,7 +187,9 @@ def test_gpu_smoke_script_runs_the_official_recipe_on_cpu(corpus, capsys, monkey
     result = gpu_smoke_xl.main(["--cpu", "--arch", "unigptmodel_tiny", "--updates", "2", "--data", str(corpus),
                                 "--extra", "--update-freq 1 --laion-batch-size 2"])
     vocab = len(Kosmos2Tokenizer.from_dir(corpus / "tokenizer").dictionary)
-    frozen_vit = Kosmos2Model(load_preset("tiny", vocab_size=vocab, latent_query_num=64))  # the recipe sets 64
+    recipe = gpu_smoke_xl.recipe_flags()  # the official recipe's --latent-query-num (64) overrides the tiny preset's
+    queries = int(recipe[recipe.index("--latent-query-num") + 1])
+    frozen_vit = Kosmos2Model(load_preset("tiny", vocab_size=vocab, latent_query_num=queries))
     assert result["updates"] == 2 and result["vocab_size"] == vocab and result["released_vocabulary"] is False
     assert result["trainable_params"] == frozen_vit.num_parameters(trainable_only=True)
     assert result["tokens_s"] > 0 and result["mfu"] is None and result["device"] == "cpu"

@@ -5,7 +5,8 @@
 #   bash train.sh $(bash configs/train/tiny_cpu.sh DATA_DIR SAVE_DIR) [more flags override earlier ones]
 #
 # DATA_DIR is what `python data/make_synthetic.py --out DATA_DIR` writes (default data/synthetic), SAVE_DIR where the
-# checkpoints go (default output/tiny). MAX_UPDATE (default 700, what fits the 15-minute budget on 2 cores) sets the length; the schedule follows it.
+# checkpoints go (default output/tiny). MAX_UPDATE (default 700, what fits the 15-minute budget on 2 cores) sets the
+# length; the schedule follows it.
 #
 # Differences from the official xl recipe (configs/train/xl_official.sh), each for a reason:
 #   --no-freeze-all            there is no pretrained tiny ViT, so the image tower must learn too
