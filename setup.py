@@ -7,6 +7,7 @@ setup(
     description="A faithful, modern re-implementation of Kosmos-2 (grounded multimodal LLM): model, data, training, evaluation",
     python_requires=">=3.10",
     packages=find_packages(include=["kosmos2", "kosmos2.*", "fairseq_plugins", "fairseq_plugins.*"]),
+    package_data={"kosmos2.model": ["csrc/*.cpp"]},  # compiled on first use (kosmos2/model/bf16_cpu.py)
     install_requires=[
         "torch>=2.1",
         "torchvision",

@@ -376,7 +376,7 @@ def interleaved(runners: dict, repeats: int) -> dict:
 
 
 def bench_generate(args) -> dict:
-    from .model.packed import pack_linears_for_inference
+    from .model.cpu_inference import prepare_for_cpu_inference
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     torch.manual_seed(args.seed)
@@ -389,7 +389,7 @@ def bench_generate(args) -> dict:
     with memory.loading("ours"):
         ours = build_random_model(cfg, dtype, device, args.seed)
         folder = save_hf_copy(ours, cfg) if args.compare_transformers else None
-        pack_linears_for_inference(ours)  # our CPU inference path (kosmos2/model/packed.py); a no-op elsewhere
+        linear_path = prepare_for_cpu_inference(ours)  # our CPU inference path (kosmos2/model/cpu_inference.py)
         run_ours(ours, pixels, ids, mask, warm, device)  # warm-up: oneDNN primitives, allocator
     with memory.running("ours"):
         run_ours(ours, pixels, ids, mask, args.new_tokens, device)
@@ -408,7 +408,7 @@ def bench_generate(args) -> dict:
     ours_tokens = runs["ours"][-1][1]
     result = {"bench": "generate", "preset": args.preset, "dtype": args.dtype, "batch_size": args.batch_size,
               "new_tokens": args.new_tokens, "prompt_tokens": len(ids), "repeats": args.repeats,
-              "generated_tokens": sum(len(t) for t in ours_tokens)}
+              "generated_tokens": sum(len(t) for t in ours_tokens), "linear_path": linear_path}
     result.update(summarise([r[0] for r in runs["ours"]], memory.peak_mb("ours")))
     result.update(decode_floor(ours, limits, args.batch_size, result["decode_step_ms_median"]))
     if "transformers" in runs:

@@ -58,3 +58,15 @@ def test_machine_json(capsys):
     result = run(capsys, "machine")
     assert {"copy_gb_s", "read_gb_s", "matmul_fp32_gflop_s", "matmul_bf16_gflop_s", "env"} <= set(result)
     assert result["read_gb_s"] > 0
+
+
+def test_generate_reports_the_cpu_linear_path(capsys):
+    from kosmos2.model import bf16_cpu
+    from kosmos2.model.packed import packing_available
+
+    result = run(capsys, "generate", "--preset", "tiny", "--dtype", "bf16", "--new-tokens", "4", "--repeats", "1")
+    if packing_available("cpu", torch.bfloat16):
+        expected = "onednn-packed"
+    else:
+        expected = "bf16-cpu" if bf16_cpu.load_kernel() is not None else "plain"
+    assert result["linear_path"] == expected and 0 < result["generated_tokens"] <= 4

@@ -1,0 +1,129 @@
+"""The AVX2 bf16 GEMV used for bf16 decoding on CPUs without oneDNN bf16 kernels (kosmos2/model/bf16_cpu.py)."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from kosmos2 import build_model
+from kosmos2.model import bf16_cpu as gemv
+from kosmos2.model.cpu_inference import prepare_for_cpu_inference
+from kosmos2.model.packed import packing_available
+
+from test_model_vs_transformers import image_prompt, small_config
+from test_packed import greedy
+
+needs_kernel = pytest.mark.skipif(gemv.load_kernel() is None,
+                                  reason=f"bf16 GEMV kernel unavailable: {gemv.kernel_unavailable_reason()}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", range(1, 9))
+@pytest.mark.parametrize("n, k", [(1, 16), (7, 48), (130, 64), (1031, 2048)])
+def test_kernel_equals_a_float64_product(rows, n, k):
+    g = torch.Generator().manual_seed(rows * 1000 + n)
+    weight = torch.randn(n, k, generator=g).bfloat16()
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    y = gemv.bf16_gemv(x, weight)
+    exact = x.double() @ weight.double().T  # bf16 inputs are exact in float64: only the kernel's fp32 sums differ
+    assert y.dtype == torch.float32 and y.shape == (rows, n)
+    assert (y.double() - exact).abs().max().item() <= 1e-5 * k ** 0.5 * exact.abs().max().item()
+
+
+@needs_kernel
+def test_kernel_takes_any_float_rows_and_strides():
+    weight = torch.randn(40, 32).bfloat16()
+    x = torch.randn(32, 3).T  # fp32, non-contiguous
+    assert torch.allclose(gemv.bf16_gemv(x, weight), x @ weight.float().T, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("x, weight, message", [
+    (torch.randn(9, 16), torch.randn(4, 16).bfloat16(), "1..8 rows"),
+    (torch.randn(1, 24), torch.randn(4, 24).bfloat16(), "multiple of 16"),
+    (torch.randn(1, 16), torch.randn(4, 16), "bf16"),
+    (torch.randn(1, 32), torch.randn(4, 16).bfloat16(), "K = weight.size"),
+])
+def test_kernel_refuses_what_it_cannot_compute(x, weight, message):
+    with pytest.raises(RuntimeError, match=message):
+        gemv.bf16_gemv(x, weight)
+
+
+@pytest.fixture(scope="module")
+def bf16_models():
+    torch.manual_seed(0)
+    cfg = small_config(dropout=0.0, attention_dropout=0.0)
+    plain = build_model(cfg, dtype=torch.bfloat16).eval()
+    fast = copy.deepcopy(plain)
+    swapped = gemv.use_bf16_cpu_linears(fast)
+    return cfg, plain, fast, swapped
+
+
+@needs_kernel
+def test_swapped_model_keeps_its_parameters_and_state_dict(bf16_models):
+    _, plain, fast, swapped = bf16_models
+    linears = [m for m in plain.modules() if type(m) is nn.Linear]
+    assert swapped == len(linears) > 0
+    assert not any(type(m) is nn.Linear for m in fast.modules())
+    head = fast.decoder.output_projection
+    assert isinstance(head, gemv.Bf16CpuLinear) and head.weight is fast.decoder.embed_tokens.weight  # still tied
+    ours, ref = fast.state_dict(), plain.state_dict()
+    assert list(ours) == list(ref) and all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+@needs_kernel
+@torch.no_grad()
+def test_swapped_model_decodes_like_the_plain_one(bf16_models):
+    cfg, plain, fast, _ = bf16_models
+    ids, mask, pixels = image_prompt(cfg, text_len=4)
+    pixels = pixels.bfloat16()
+    ref, ours = greedy(plain, ids, mask, pixels, 6).float(), greedy(fast, ids, mask, pixels, 6).float()
+    # both round each product to bf16; only the fp32 summation order differs
+    assert (ref - ours).abs().max().item() <= 0.02 * ref.abs().max().item()
+    assert torch.equal(ref.argmax(-1), ours.argmax(-1))
+
+
+@needs_kernel
+def test_training_through_a_swapped_linear_uses_autograd():
+    linear = nn.Linear(32, 8).bfloat16()
+    fast = gemv.Bf16CpuLinear(linear)
+    x = torch.randn(1, 32).bfloat16()
+    fast(x).float().sum().backward()  # weight requires grad: F.linear, with gradients
+    expected = x.float().T.expand(-1, 8).T  # d(sum y)/dW = x for every output row
+    assert torch.allclose(linear.weight.grad.float(), expected)
+
+
+def test_kernel_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("KOSMOS2_CPU_KERNELS", "0")
+    monkeypatch.setattr(gemv, "_state", {})
+    assert gemv.load_kernel() is None and "KOSMOS2_CPU_KERNELS=0" in gemv.kernel_unavailable_reason()
+    model = build_model(small_config(), dtype=torch.bfloat16)
+    assert gemv.use_bf16_cpu_linears(model) == 0 and any(type(m) is nn.Linear for m in model.modules())
+    with pytest.raises(RuntimeError, match="unavailable"):
+        gemv.bf16_gemv(torch.randn(1, 16), torch.randn(2, 16).bfloat16())
+
+
+def test_cpu_inference_takes_the_measured_best_path():
+    for dtype in (torch.float32, torch.bfloat16):
+        model = build_model(small_config(), dtype=dtype).eval()
+        path = prepare_for_cpu_inference(model)
+        if packing_available("cpu", dtype):
+            expected = "onednn-packed"
+        elif dtype == torch.bfloat16 and gemv.load_kernel() is not None:
+            expected = "bf16-cpu"
+        else:
+            expected = "plain"
+        assert path == expected, (dtype, path)
+    assert prepare_for_cpu_inference(build_model(small_config(), device="meta")) == "plain"
+
+
+@needs_kernel
+@torch.no_grad()
+def test_prefill_rows_multiply_in_fp32_and_round_to_bf16():
+    linear = nn.Linear(32, 8).bfloat16()
+    fast = gemv.Bf16CpuLinear(linear)
+    x = torch.randn(2, 10, 32).bfloat16()  # 20 rows: not a decode step
+    y = fast(x)
+    expected = x.float() @ linear.weight.float().T + linear.bias.float()
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 10, 8)
+    assert torch.allclose(y.float(), expected, rtol=2 ** -8, atol=1e-6)  # within one bf16 rounding
