@@ -44,7 +44,8 @@ def load_kernel():
         try:
             _state["module"] = _compile()
         except Exception as exc:  # no compiler, no Python headers, ...: fall back, say why once
-            reason = f"compiling {SOURCE.name} failed: {type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+            last_line = (str(exc).strip().splitlines() or [""])[-1]
+            reason = f"compiling {SOURCE.name} failed: {type(exc).__name__}: {last_line}"
     if reason is not None:
         _state["error"] = reason
         logger.info("bf16 GEMV kernel unavailable (%s); bf16 decoding on CPU uses F.linear", reason)
