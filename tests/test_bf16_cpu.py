@@ -127,3 +127,18 @@ def test_prefill_rows_multiply_in_fp32_and_round_to_bf16():
     expected = x.float() @ linear.weight.float().T + linear.bias.float()
     assert y.dtype == torch.bfloat16 and y.shape == (2, 10, 8)
     assert torch.allclose(y.float(), expected, rtol=2 ** -8, atol=1e-6)  # within one bf16 rounding
+
+
+@needs_kernel
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_linear_entry_adds_the_bias_and_rounds_once_to_the_input_dtype(x_dtype):
+    g = torch.Generator().manual_seed(3)
+    weight, bias = torch.randn(70, 64, generator=g).bfloat16(), torch.randn(70, generator=g).bfloat16()
+    x = torch.randn(3, 64, generator=g).to(x_dtype)
+    y = gemv.load_kernel().bf16_linear(x, weight, bias)
+    exact = x.double() @ weight.double().T + bias.double()
+    assert y.dtype == x_dtype and y.shape == (3, 70)
+    tolerance = 2 ** -8 if x_dtype == torch.bfloat16 else 1e-5  # one bf16 rounding, or fp32 summation order only
+    assert torch.allclose(y.double(), exact, rtol=tolerance, atol=1e-5)
+    assert torch.equal(gemv.load_kernel().bf16_linear(x, weight, None).float(),
+                       gemv.bf16_gemv(x, weight).to(x_dtype).float())

@@ -119,10 +119,8 @@ class Bf16CpuLinear(nn.Module):
         if rows > MAX_ROWS or load_kernel() is None or not self.weight.is_contiguous():
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
-        y = bf16_gemv(x.reshape(rows, x.shape[-1]), self.weight)
-        if self.bias is not None:
-            y += self.bias.float()
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        y = load_kernel().bf16_linear(x.reshape(rows, x.shape[-1]), self.weight, self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, bf16 CPU"

@@ -10,6 +10,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <vector>
 
 namespace {
 
@@ -74,32 +75,62 @@ const Columns kColumns[] = {nullptr,
                             gemv_columns<5, 1, false>, gemv_columns<6, 1, false>,
                             gemv_columns<7, 1, false>, gemv_columns<8, 1, false>};
 
+// x rows (bf16 or fp32) -> fp32, shuffled per chunk of 16 to the unpack's lane order (thread-local scratch)
+const float* shuffled_rows(const torch::Tensor& x, int64_t M, int64_t K) {
+  thread_local std::vector<float> scratch, widened;
+  scratch.resize(M * K);
+  const float* rows;
+  if (x.scalar_type() == torch::kFloat32) {
+    rows = x.data_ptr<float>();
+  } else {
+    widened.resize(M * K);
+    const auto* src = x.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < M * K; ++i) widened[i] = static_cast<float>(src[i]);
+    rows = widened.data();
+  }
+  for (int64_t m = 0; m < M; ++m) shuffle_like_unpack(rows + m * K, scratch.data() + m * K, K);
+  return scratch.data();
+}
+
 }  // namespace
 
-torch::Tensor bf16_gemv(const torch::Tensor& x, const torch::Tensor& weight) {
+// y [M, N] fp32 = x @ weight.T (+ bias); the checks name what was wrong
+torch::Tensor gemv_fp32(const torch::Tensor& x_in, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == torch::kBFloat16 && weight.dim() == 2 &&
               weight.is_contiguous(), "bf16_gemv: weight must be a contiguous 2-D bf16 CPU tensor");
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(1) == weight.size(1),
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 2 && x_in.size(1) == weight.size(1),
               "bf16_gemv: x must be a 2-D CPU tensor [M, K] with K = weight.size(1)");
-  const int64_t M = x.size(0), K = weight.size(1), N = weight.size(0);
+  const int64_t M = x_in.size(0), K = weight.size(1), N = weight.size(0);
   TORCH_CHECK(M >= 1 && M <= 8, "bf16_gemv: 1..8 rows of x, got ", M);
   TORCH_CHECK(K % 16 == 0, "bf16_gemv: K must be a multiple of 16, got ", K);
-  const torch::Tensor xf = x.to(torch::kFloat32).contiguous();
-  torch::Tensor xs = torch::empty_like(xf);
-  for (int64_t m = 0; m < M; ++m) shuffle_like_unpack(xf.data_ptr<float>() + m * K, xs.data_ptr<float>() + m * K, K);
-  torch::Tensor y = torch::empty({M, N}, xf.options());
+  const torch::Tensor x = (x_in.scalar_type() == torch::kBFloat16 || x_in.scalar_type() == torch::kFloat32)
+                              ? x_in.contiguous() : x_in.to(torch::kFloat32).contiguous();
+  const float* xs = shuffled_rows(x, M, K);
+  torch::Tensor y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
   const auto* W = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
   const Columns columns = kColumns[M];
-  const float* xs_ptr = xs.data_ptr<float>();
   float* y_ptr = y.data_ptr<float>();
   // blocks of 64 columns: each thread streams contiguous stretches of the weight
   const int64_t blocks = (N + 63) / 64;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    columns(W, xs_ptr, y_ptr, K, N, b0 * 64, std::min<int64_t>(N, b1 * 64));
+    columns(W, xs, y_ptr, K, N, b0 * 64, std::min<int64_t>(N, b1 * 64));
   });
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N, "bf16_gemv: bias must have weight.size(0) = ", N, " values");
+    y.add_(bias->to(torch::kFloat32));
+  }
   return y;
+}
+
+torch::Tensor bf16_gemv(const torch::Tensor& x, const torch::Tensor& weight) { return gemv_fp32(x, weight, c10::nullopt); }
+
+// nn.Linear semantics for a decode step: fp32 accumulation, bias in fp32, one rounding to x's dtype
+torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
+  torch::Tensor y = gemv_fp32(x, weight, bias);
+  return x.scalar_type() == torch::kFloat32 ? y : y.to(x.scalar_type());
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_gemv", &bf16_gemv, "y = x @ weight.T for a bf16 weight and 1..8 rows of x (AVX2 + FMA), fp32 out");
+  m.def("bf16_linear", &bf16_linear, "F.linear(x, weight, bias) for a bf16 weight and 1..8 rows, in x's dtype");
 }
