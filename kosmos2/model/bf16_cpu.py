@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .packed import replace_linears
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +75,6 @@ def _compile():
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        import sys
-
         from torch.utils import cpp_extension
 
         if not _already_built(cpp_extension):
@@ -116,10 +117,11 @@ class Bf16CpuLinear(nn.Module):
         wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         if x.dtype != torch.bfloat16 or wants_grad or x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
-        if rows > MAX_ROWS or load_kernel() is None or not self.weight.is_contiguous():
+        kernel = load_kernel()
+        if rows > MAX_ROWS or kernel is None or not self.weight.is_contiguous():
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
-        y = load_kernel().bf16_linear(x.reshape(rows, x.shape[-1]), self.weight, self.bias)
+        y = kernel.bf16_linear(x.reshape(rows, x.shape[-1]), self.weight, self.bias)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -130,11 +132,11 @@ def use_bf16_cpu_linears(model: nn.Module) -> int:
     """Swap every bf16 CPU `nn.Linear` of `model` (in place) whose input width is a multiple of 16 for a
     `Bf16CpuLinear`; returns how many were swapped (0 when the kernel is unavailable: without it, only the fp32
     prefill would remain, and that alone is not worth a different module)."""
-    candidates = [(parent, name, child) for parent in list(model.modules()) for name, child in parent.named_children()
-                  if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16
-                  and child.weight.device.type == "cpu" and child.in_features % K_MULTIPLE == 0]
-    if not candidates or load_kernel() is None:
+    def wanted(linear: nn.Linear) -> bool:
+        return (linear.weight.dtype == torch.bfloat16 and linear.weight.device.type == "cpu"
+                and linear.in_features % K_MULTIPLE == 0)
+
+    # look before compiling: an fp32 model must not trigger a one-minute build it cannot use
+    if not any(type(m) is nn.Linear and wanted(m) for m in model.modules()) or load_kernel() is None:
         return 0
-    for parent, name, child in candidates:
-        setattr(parent, name, Bf16CpuLinear(child))
-    return len(candidates)
+    return replace_linears(model, Bf16CpuLinear, wanted)

@@ -89,11 +89,18 @@ def pack_linears_for_inference(model: nn.Module) -> nn.Module:
     first = next(model.parameters(), None)
     if first is None or not packing_available(first.device, first.dtype):
         return model
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, PackedLinear(child))
+    replace_linears(model, PackedLinear)
     return model
+
+
+def replace_linears(model: nn.Module, make, where=lambda linear: True) -> int:
+    """Swap (in place) every plain `nn.Linear` of `model` for which `where(linear)` holds by `make(linear)`; returns
+    how many were swapped. Subclasses of nn.Linear and already swapped modules are left alone."""
+    found = [(parent, name, child) for parent in list(model.modules()) for name, child in list(parent.named_children())
+             if type(child) is nn.Linear and where(child)]
+    for parent, name, child in found:
+        setattr(parent, name, make(child))
+    return len(found)
 
 
 def is_packed(model: nn.Module) -> bool:
