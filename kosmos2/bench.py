@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -322,6 +323,25 @@ def first_divergence(a: list[list[int]], b: list[list[int]]) -> int | None:
     return min(steps) if steps else None
 
 
+def divergence_margin(theirs, pixels, ids, mask, ours: list[list[int]], reference: list[list[int]], step: int) -> dict:
+    """Where greedy tokens first differ: how much transformers' own logits preferred its token over ours at that step
+    (teacher-forced on the common prefix), in logit units and in bf16 ulps at that magnitude. With random weights,
+    near-ties of the top two logits happen, and then any change of summation order (a different but equally exact
+    kernel) picks the other token: a margin of 0-2 ulps is such a tie, a large margin a real difference."""
+    row = next(r for r, (a, b) in enumerate(zip(ours, reference)) if a[:step + 1] != b[:step + 1])
+    prefix = ids + reference[row][:step]
+    device = pixels.device
+    with torch.no_grad():
+        logits = theirs(pixel_values=pixels[row:row + 1], input_ids=torch.tensor([prefix], device=device),
+                        image_embeds_position_mask=torch.tensor([mask + [0] * step], device=device).long()).logits
+    last = logits[0, -1].float()
+    theirs_token = reference[row][step] if step < len(reference[row]) else 2
+    ours_token = ours[row][step] if step < len(ours[row]) else 2
+    margin = float(last[theirs_token] - last[ours_token])
+    ulp = 2.0 ** (math.floor(math.log2(max(abs(float(last[theirs_token])), 1e-30))) - 7)  # bf16: 8 significant bits
+    return {"divergence_margin": round(margin, 5), "divergence_margin_bf16_ulp": round(margin / ulp, 2)}
+
+
 def summarise(runs: list[dict], peak_mb: float) -> dict:
     """Medians over the repeats; `decode_step_ms_median` pools the single steps of all repeats (robust to bursts of
     load from other processes)."""
@@ -422,6 +442,9 @@ def bench_generate(args) -> dict:
             peak_rss_ratio=round(result["peak_rss_mb"] / hf["peak_rss_mb"], 3),
             tokens_equal=ours_tokens == theirs_tokens,
             first_divergence_step=first_divergence(ours_tokens, theirs_tokens))
+        if result["first_divergence_step"] is not None:
+            result.update(divergence_margin(theirs, pixels, ids, mask, ours_tokens, theirs_tokens,
+                                            result["first_divergence_step"]))
     result["env"] = environment(device)
     return result
 

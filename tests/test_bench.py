@@ -61,12 +61,7 @@ def test_machine_json(capsys):
 
 
 def test_generate_reports_the_cpu_linear_path(capsys):
-    from kosmos2.model import bf16_cpu
-    from kosmos2.model.packed import packing_available
+    from test_bf16_cpu import expected_cpu_path
 
     result = run(capsys, "generate", "--preset", "tiny", "--dtype", "bf16", "--new-tokens", "4", "--repeats", "1")
-    if packing_available("cpu", torch.bfloat16):
-        expected = "onednn-packed"
-    else:
-        expected = "bf16-cpu" if bf16_cpu.load_kernel() is not None else "plain"
-    assert result["linear_path"] == expected and 0 < result["generated_tokens"] <= 4
+    assert result["linear_path"] == expected_cpu_path(torch.bfloat16) and 0 < result["generated_tokens"] <= 4

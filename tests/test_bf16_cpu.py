@@ -1,4 +1,6 @@
-"""The AVX2 bf16 GEMV used for bf16 decoding on CPUs without oneDNN bf16 kernels (kosmos2/model/bf16_cpu.py)."""
+"""Our bf16 CPU kernels (kosmos2/model/bf16_cpu.py, csrc/bf16_gemv.cpp): the row-major GEMV (AVX2, and its AVX512-BF16
+variant for bf16 rows) and the AVX512-BF16 kernel on the packed "VNNI" layout. Every kernel is checked against a
+float64 product of the same bf16 values; the AVX512-BF16 tests skip on CPUs without it (the AVX2 ones run there too)."""
 import copy
 
 import pytest
@@ -15,16 +17,19 @@ from test_packed import greedy
 
 needs_kernel = pytest.mark.skipif(gemv.load_kernel() is None,
                                   reason=f"bf16 GEMV kernel unavailable: {gemv.kernel_unavailable_reason()}")
+needs_avx512_bf16 = pytest.mark.skipif(not gemv.has_avx512_bf16(),
+                                       reason="this CPU has no AVX512-BF16 (or the kernel is unavailable)")
 
 
 @needs_kernel
+@pytest.mark.parametrize("allow_avx512", [False, True])  # False: the AVX2 loop, also on AVX512 CPUs
 @pytest.mark.parametrize("rows", range(1, 9))
 @pytest.mark.parametrize("n, k", [(1, 16), (7, 48), (130, 64), (1031, 2048)])
-def test_kernel_equals_a_float64_product(rows, n, k):
+def test_kernel_equals_a_float64_product(rows, n, k, allow_avx512):
     g = torch.Generator().manual_seed(rows * 1000 + n)
     weight = torch.randn(n, k, generator=g).bfloat16()
     x = torch.randn(rows, k, generator=g).bfloat16()
-    y = gemv.bf16_gemv(x, weight)
+    y = gemv.bf16_gemv(x, weight, allow_avx512=allow_avx512)
     exact = x.double() @ weight.double().T  # bf16 inputs are exact in float64: only the kernel's fp32 sums differ
     assert y.dtype == torch.float32 and y.shape == (rows, n)
     assert (y.double() - exact).abs().max().item() <= 1e-5 * k ** 0.5 * exact.abs().max().item()
@@ -103,30 +108,35 @@ def test_kernel_can_be_switched_off(monkeypatch):
         gemv.bf16_gemv(torch.randn(1, 16), torch.randn(2, 16).bfloat16())
 
 
-def test_cpu_inference_takes_the_measured_best_path():
+def expected_cpu_path(dtype: torch.dtype, allow_packing: bool = True) -> str:
+    """The path docs/benchmarks.md measured fastest on each kind of CPU."""
+    bf16, kernel = dtype == torch.bfloat16, gemv.load_kernel() is not None
+    if allow_packing and bf16 and gemv.has_avx512_bf16():
+        return "bf16-vnni"
+    if allow_packing and packing_available("cpu", dtype):
+        return "onednn-packed"
+    return "bf16-cpu" if bf16 and kernel else "plain"
+
+
+@pytest.mark.parametrize("allow_packing", [True, False])
+def test_cpu_inference_takes_the_measured_best_path(allow_packing):
     for dtype in (torch.float32, torch.bfloat16):
         model = build_model(small_config(), dtype=dtype).eval()
-        path = prepare_for_cpu_inference(model)
-        if packing_available("cpu", dtype):
-            expected = "onednn-packed"
-        elif dtype == torch.bfloat16 and gemv.load_kernel() is not None:
-            expected = "bf16-cpu"
-        else:
-            expected = "plain"
-        assert path == expected, (dtype, path)
+        path = prepare_for_cpu_inference(model, allow_packing=allow_packing)
+        assert path == expected_cpu_path(dtype, allow_packing), (dtype, path)
     assert prepare_for_cpu_inference(build_model(small_config(), device="meta")) == "plain"
 
 
 @needs_kernel
 @torch.no_grad()
-def test_prefill_rows_multiply_in_fp32_and_round_to_bf16():
+def test_prefill_rows_accumulate_in_fp32_and_round_to_bf16():
     linear = nn.Linear(32, 8).bfloat16()
     fast = gemv.Bf16CpuLinear(linear)
-    x = torch.randn(2, 10, 32).bfloat16()  # 20 rows: not a decode step
+    x = torch.randn(2, 10, 32).bfloat16()  # 20 rows: not a decode step (fp32 GEMM, or native bf16 on AVX512-BF16)
     y = fast(x)
     expected = x.float() @ linear.weight.float().T + linear.bias.float()
     assert y.dtype == torch.bfloat16 and y.shape == (2, 10, 8)
-    assert torch.allclose(y.float(), expected, rtol=2 ** -8, atol=1e-6)  # within one bf16 rounding
+    assert torch.allclose(y.float(), expected, rtol=2 ** -7, atol=1e-6)  # within bf16 rounding
 
 
 @needs_kernel
@@ -142,3 +152,90 @@ def test_linear_entry_adds_the_bias_and_rounds_once_to_the_input_dtype(x_dtype):
     assert torch.allclose(y.double(), exact, rtol=tolerance, atol=1e-5)
     assert torch.equal(gemv.load_kernel().bf16_linear(x, weight, None).float(),
                        gemv.bf16_gemv(x, weight).to(x_dtype).float())
+
+
+# ---- the AVX512-BF16 kernel on the packed ("VNNI") layout
+
+
+def test_vnni_layout_puts_16_columns_and_2_inputs_in_each_64_byte_chunk():
+    weight = torch.arange(40 * 32, dtype=torch.float32).view(40, 32).bfloat16()  # exact: all values < 256 * 8
+    packed = gemv.pack_vnni(weight)
+    assert packed.shape == (4, 16, 16, 2)  # 40 columns padded to 64 = 4 blocks of 16; K/2 = 16 pairs
+    # packed[block, pair, column, j] = weight[16 * block + column, 2 * pair + j]; padding rows are zero
+    assert packed[0, 0, 0].tolist() == [0, 1] and packed[0, 0, 1].tolist() == [32, 33]
+    assert packed[1, 3, 2].tolist() == [weight[18, 6].item(), weight[18, 7].item()]
+    assert packed[2, 15, 7].tolist() == [weight[39, 30].item(), weight[39, 31].item()]
+    assert not packed[2, :, 8:].any() and not packed[3].any()
+    assert torch.equal(gemv.unpack_vnni(packed, 40), weight)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        gemv.pack_vnni(torch.zeros(4, 24).bfloat16())
+
+
+@needs_avx512_bf16
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 17, 71])
+@pytest.mark.parametrize("n, k", [(1, 16), (7, 48), (33, 64), (1031, 2048)])
+def test_vnni_kernel_equals_a_float64_product(rows, n, k):
+    g = torch.Generator().manual_seed(rows * 1000 + n)
+    weight, bias = torch.randn(n, k, generator=g).bfloat16(), torch.randn(n, generator=g).bfloat16()
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    y = gemv.vnni_linear(x, gemv.pack_vnni(weight), bias, n)
+    exact = x.double() @ weight.double().T + bias.double()
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+    # fp32 sums in another order, then one rounding to bf16
+    assert torch.allclose(y.double(), exact, rtol=2 ** -8, atol=1e-5 * k ** 0.5 * exact.abs().max().item())
+
+
+@needs_avx512_bf16
+def test_vnni_kernel_refuses_what_it_cannot_compute():
+    packed = gemv.pack_vnni(torch.randn(40, 32).bfloat16())
+    with pytest.raises(RuntimeError, match="bf16"):
+        gemv.vnni_linear(torch.randn(1, 32), packed, None, 40)  # fp32 rows
+    with pytest.raises(RuntimeError, match="K = 32"):
+        gemv.vnni_linear(torch.randn(1, 48).bfloat16(), packed, None, 40)
+    with pytest.raises(RuntimeError, match="N match"):
+        gemv.vnni_linear(torch.randn(1, 32).bfloat16(), packed, None, 70)
+
+
+@pytest.fixture(scope="module")
+def vnni_models():
+    torch.manual_seed(0)
+    cfg = small_config(dropout=0.0, attention_dropout=0.0)
+    plain = build_model(cfg, dtype=torch.bfloat16).eval()
+    fast = copy.deepcopy(plain)
+    return cfg, plain, fast, gemv.use_bf16_vnni_linears(fast)
+
+
+@needs_avx512_bf16
+def test_vnni_model_keeps_its_state_dict_and_reloads_it(vnni_models):
+    cfg, plain, fast, swapped = vnni_models
+    assert swapped == sum(type(m) is nn.Linear for m in plain.modules()) > 0
+    assert isinstance(fast.decoder.output_projection, gemv.Bf16VnniLinear)
+    ours, ref = fast.state_dict(), plain.state_dict()
+    assert list(ours) == list(ref) and all(torch.equal(ours[k], ref[k]) for k in ref)
+    other = build_model(cfg, dtype=torch.bfloat16).eval()
+    gemv.use_bf16_vnni_linears(other)
+    other.load_state_dict(ref)  # repacks every weight
+    assert all(torch.equal(v, ref[k]) for k, v in other.state_dict().items())
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        fast.decoder.layers[0].ffn.fc1.load_state_dict({"weight": torch.zeros(3, 3), "bias": torch.zeros(3)})
+
+
+@needs_avx512_bf16
+@torch.no_grad()
+def test_vnni_model_decodes_like_the_plain_one(vnni_models):
+    cfg, plain, fast, _ = vnni_models
+    ids, mask, pixels = image_prompt(cfg, text_len=4)
+    pixels = pixels.bfloat16()
+    ref, ours = greedy(plain, ids, mask, pixels, 6).float(), greedy(fast, ids, mask, pixels, 6).float()
+    assert (ref - ours).abs().max().item() <= 0.02 * ref.abs().max().item()
+    assert torch.equal(ref.argmax(-1), ours.argmax(-1))
+
+
+@needs_avx512_bf16
+def test_vnni_linear_is_inference_only():
+    fast = gemv.Bf16VnniLinear(nn.Linear(32, 8).bfloat16())
+    with pytest.raises(RuntimeError, match="inference-only"):
+        fast(torch.randn(1, 32).bfloat16().requires_grad_())
+    with pytest.raises(TypeError, match="bf16 weights but got torch.float32"):
+        with torch.no_grad():
+            fast(torch.randn(1, 32))

@@ -1,20 +1,26 @@
-"""bf16 inference on AVX2 CPUs without native bf16 instructions: a C++ GEMV for decode steps, fp32 GEMMs for the rest.
+"""bf16 inference on x86 CPUs: our own kernels (`csrc/bf16_gemv.cpp`) where PyTorch's bf16 linear leaves speed behind.
 
-Decode steps: decoding one token streams every weight once, so a decode step costs (bytes of weights) / (memory bandwidth). On an
-AVX2 CPU without AVX512-BF16/AMX, oneDNN has no bf16 kernels (so `kosmos2/model/packed.py` cannot be used for bf16) and
-PyTorch's generic bf16 GEMV streams ~12 GB/s on our 2-core benchmark host; `csrc/bf16_gemv.cpp` streams ~20 GB/s
-there (docs/benchmarks.md). It is compiled with `torch.utils.cpp_extension` on first use (~1 minute, then cached in
+Decoding one token streams every weight once, so a decode step costs (bytes of weights) / (memory bandwidth); the
+kernels are about streaming. Measured numbers are in docs/benchmarks.md. Two CPU families, two paths:
+
+- AVX2 + FMA, no bf16 instructions (Zen 2/3, older Intel): oneDNN has no bf16 kernels there (so `packed.py` cannot
+  be used for bf16) and PyTorch's generic bf16 GEMV streams ~12 GB/s on our 2-core AVX2 host, the row-major AVX2
+  GEMV ~20 GB/s. `Bf16CpuLinear` keeps the weight as it is and uses that kernel for 1..8 rows; prefills (more rows)
+  multiply in fp32 on an upcast copy of the weight, since a bf16 GEMM runs at ~1.3 GFLOP/s there against ~100 for
+  fp32 (what a bf16 GEMM computes anyway: fp32 accumulation, one rounding).
+- AVX512-BF16 (Zen 4, Cooper Lake, Sapphire Rapids): `Bf16VnniLinear` stores the weight once in a blocked layout
+  (`pack_vnni`) that one vdpbf16ps kernel streams at ~33 GB/s for 1..8 rows (PyTorch: ~29 GB/s at 1 row, ~17 at 8;
+  oneDNN's pre-packed weights: ~25 GB/s at 1 row) and multiplies prefills at ~400 GFLOP/s, a little above oneDNN's
+  bf16 GEMM. Like `packed.PackedLinear` it is inference-only and checkpoints still see the plain weight. Without
+  packing (a model that must stay trainable), `Bf16CpuLinear` uses the row-major kernel's AVX512-BF16 variant.
+
+The extension is compiled with `torch.utils.cpp_extension` on first use (~1 minute, then cached in
 `$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`); without a C++ compiler, on other CPUs, or with
-`KOSMOS2_CPU_KERNELS=0`, decode steps fall back to `F.linear`.
+`KOSMOS2_CPU_KERNELS=0`, everything falls back to PyTorch (`F.linear` or oneDNN packing).
 
-Prefill (the ViT, the prompt, anything with more than 8 rows): on such CPUs PyTorch's bf16 GEMM runs at ~1.3 GFLOP/s
-against ~100 GFLOP/s for fp32 (`python -m kosmos2.bench machine`), so these calls multiply in fp32 on an upcast copy
-of the weight and round the result to bf16. That is what a bf16 GEMM computes anyway (fp32 accumulation), at the cost
-of one transient fp32 copy of one weight at a time.
-
-`use_bf16_cpu_linears(model)` swaps the bf16 `nn.Linear` modules for `Bf16CpuLinear`, which keeps the very same
-`weight` / `bias` parameters (state dicts and the tied output projection are unchanged). Calls that need gradients
-(training) use `F.linear` unchanged.
+`use_bf16_cpu_linears(model)` / `use_bf16_vnni_linears(model)` swap the bf16 `nn.Linear` modules in place; the swapped
+modules keep the parameter names (state dicts load and save unchanged) and the tied output projection stays tied.
+Calls that need gradients (training) use `F.linear` in `Bf16CpuLinear` and are refused by `Bf16VnniLinear`.
 """
 from __future__ import annotations
 
@@ -94,17 +100,55 @@ def _already_built(cpp_extension) -> bool:
         return False
 
 
-def bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (M <= 8) @ weight[N, K].T with a bf16 weight, fp32 result. Raises if the kernel is unavailable."""
+def _kernel_or_raise():
     kernel = load_kernel()
     if kernel is None:
         raise RuntimeError(f"the bf16 GEMV kernel is unavailable: {kernel_unavailable_reason()}")
-    return kernel.bf16_gemv(x, weight)
+    return kernel
+
+
+def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, allow_avx512: bool = True) -> torch.Tensor:
+    """x [M, K] (M <= 8) @ weight[N, K].T with a bf16 weight, fp32 result. Raises if the kernel is unavailable.
+    A bf16 x takes the AVX512-BF16 variant where the CPU has it, unless `allow_avx512=False`."""
+    return _kernel_or_raise().bf16_gemv(x, weight, allow_avx512)
+
+
+def has_avx512_bf16() -> bool:
+    """Whether the compiled kernels can use AVX512-BF16 on this CPU (False without the kernel)."""
+    kernel = load_kernel()
+    return kernel is not None and bool(kernel.has_avx512_bf16())
+
+
+VNNI_PAD = 32  # pack_vnni pads the output features to a multiple of this (the kernel works on pairs of 16 columns)
+
+
+def pack_vnni(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [Np/16, K/2, 16, 2] (Np = N rounded up to 32, zero rows): 16 output columns x 2 consecutive inputs per
+    64-byte chunk, the operand layout of vdpbf16ps. K must be a multiple of 16."""
+    n, k = weight.shape
+    if k % K_MULTIPLE:
+        raise ValueError(f"pack_vnni: in_features must be a multiple of {K_MULTIPLE}, got {k}")
+    padded_n = -(-n // VNNI_PAD) * VNNI_PAD
+    padded = F.pad(weight.detach(), (0, 0, 0, padded_n - n))
+    return padded.view(padded_n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack_vnni(packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The inverse of `pack_vnni`: the plain [N, K] weight (a new tensor)."""
+    blocks, half_k = packed.shape[:2]
+    return packed.permute(0, 2, 1, 3).reshape(blocks * 16, 2 * half_k)[:out_features].contiguous()
+
+
+def vnni_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """F.linear(x, W, bias) for bf16 x [..., K] with W packed by `pack_vnni` (AVX512-BF16 CPUs only)."""
+    rows = x.reshape(-1, x.shape[-1])
+    y = _kernel_or_raise().vnni_linear(rows, packed, bias, out_features)
+    return y.view(*x.shape[:-1], out_features)
 
 
 class Bf16CpuLinear(nn.Module):
-    """An `nn.Linear` (same parameters, same state-dict keys) for bf16 inference on AVX2 CPUs: the GEMV kernel for
-    1..8 rows, an fp32 GEMM for more."""
+    """An `nn.Linear` (same parameters, same state-dict keys) for bf16 inference on CPUs: the GEMV kernel for 1..8 rows;
+    more rows go to PyTorch's bf16 GEMM where the CPU has bf16 instructions, else to an fp32 GEMM."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -119,6 +163,8 @@ class Bf16CpuLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         kernel = load_kernel()
         if rows > MAX_ROWS or kernel is None or not self.weight.is_contiguous():
+            if kernel is not None and kernel.has_avx512_bf16():
+                return F.linear(x, self.weight, self.bias)  # oneDNN's native bf16 GEMM (~400 GFLOP/s on Zen 4)
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
         y = kernel.bf16_linear(x.reshape(rows, x.shape[-1]), self.weight, self.bias)
@@ -140,3 +186,63 @@ def use_bf16_cpu_linears(model: nn.Module) -> int:
     if not any(type(m) is nn.Linear and wanted(m) for m in model.modules()) or load_kernel() is None:
         return 0
     return replace_linears(model, Bf16CpuLinear, wanted)
+
+
+class Bf16VnniLinear(nn.Module):
+    """`nn.Linear` for bf16 inference on AVX512-BF16 CPUs, its weight stored once in `pack_vnni`'s layout (inference
+    only; `state_dict()` writes and `load_state_dict()` reads the plain weight under the usual name)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed_weight = pack_vnni(linear.weight)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("Bf16VnniLinear is inference-only (its packed weight has no gradient); run under "
+                               "torch.no_grad(), or use a model prepared with allow_packing=False for training")
+        if x.dtype != torch.bfloat16:
+            raise TypeError(f"Bf16VnniLinear holds bf16 weights but got {x.dtype} input; pack after .to(bfloat16)")
+        return vnni_linear(x, self.packed_weight, self.bias, self.out_features)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight in the plain [out, in] layout (a new tensor, for inspection and checkpoints)."""
+        return unpack_vnni(self.packed_weight, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"bf16 VNNI-packed")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.weight
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "weight"
+        if key in state_dict:
+            weight = state_dict[key]
+            if tuple(weight.shape) != (self.out_features, self.in_features):
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(weight.shape)}, the "
+                                  f"shape in current model is {(self.out_features, self.in_features)}.")
+            else:
+                self.packed_weight = pack_vnni(weight.to(torch.bfloat16))
+        elif strict:
+            missing_keys.append(key)
+        rest = {k: v for k, v in state_dict.items() if k != key}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+def use_bf16_vnni_linears(model: nn.Module) -> int:
+    """Swap every bf16 CPU `nn.Linear` of `model` (in place) whose input width is a multiple of 16 for a
+    `Bf16VnniLinear`; returns how many were swapped (0 unless the kernel is available and the CPU has AVX512-BF16).
+    Tied weights (the output projection shares the embedding) get their own packed copy: the embedding lookup still
+    needs the plain matrix."""
+    def wanted(linear: nn.Linear) -> bool:
+        return (linear.weight.dtype == torch.bfloat16 and linear.weight.device.type == "cpu"
+                and linear.in_features % K_MULTIPLE == 0)
+
+    if not any(type(m) is nn.Linear and wanted(m) for m in model.modules()) or not has_avx512_bf16():
+        return 0
+    return replace_linears(model, Bf16VnniLinear, wanted)

@@ -1,34 +1,40 @@
 """One call that puts a model on the fastest measured CPU path for inference (docs/benchmarks.md).
 
-- oneDNN pre-packed weights (`packed.py`) wherever oneDNN has kernels for the dtype: fp32 everywhere, bf16 on CPUs
-  with AVX512-BF16 / AMX;
-- otherwise, for bf16 on AVX2 CPUs, a bf16 GEMV kernel for decode steps and fp32 GEMMs for prefills (`bf16_cpu.py`);
+- bf16 on CPUs with AVX512-BF16: our vdpbf16ps kernel on weights packed once into its blocked layout
+  (`bf16_cpu.Bf16VnniLinear`): faster than oneDNN's packed weights at every batch size we measured;
+- oneDNN pre-packed weights (`packed.py`) wherever oneDNN has kernels for the dtype: fp32 everywhere, bf16 on other
+  CPUs with native bf16 (AVX512 without BF16 emulates it, AMX);
+- otherwise, for bf16 on AVX2 CPUs, a row-major bf16 GEMV kernel for decode steps and fp32 GEMMs for prefills
+  (`bf16_cpu.Bf16CpuLinear`);
 - otherwise the plain `nn.Linear` modules.
+
+Packed weights have no autograd. `allow_packing=False` keeps the model trainable: then only `Bf16CpuLinear` (which
+falls back to `F.linear` whenever gradients are needed) is used, with the AVX512-BF16 variant of its kernel where the
+CPU has it.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
-from .bf16_cpu import use_bf16_cpu_linears
+from .bf16_cpu import use_bf16_cpu_linears, use_bf16_vnni_linears
 from .packed import pack_linears_for_inference, packing_available
 
-PATHS = ("onednn-packed", "bf16-cpu", "plain")
+PATHS = ("bf16-vnni", "onednn-packed", "bf16-cpu", "plain")
 
 
 def prepare_for_cpu_inference(model: nn.Module, allow_packing: bool = True) -> str:
     """Rewrite `model`'s linear layers in place for CPU inference; returns which of PATHS it took. Call it after the
-    model has its final dtype and device; a model on another device is left as it is ("plain").
-
-    `allow_packing=False` keeps the model trainable: packed weights have no autograd, while the bf16 path falls back
-    to `F.linear` whenever gradients are needed (`kosmos2.api.Kosmos2` uses this)."""
+    model has its final dtype and device; a model on another device is left as it is ("plain")."""
     first = next(model.parameters(), None)
     if first is None or first.device.type != "cpu":
         return "plain"
-    if packing_available(first.device, first.dtype):
-        if not allow_packing:
-            return "plain"
-        pack_linears_for_inference(model)
-        return "onednn-packed"
+    if allow_packing:
+        if first.dtype == torch.bfloat16 and use_bf16_vnni_linears(model):
+            return "bf16-vnni"
+        if packing_available(first.device, first.dtype):
+            pack_linears_for_inference(model)
+            return "onednn-packed"
     if use_bf16_cpu_linears(model):
         return "bf16-cpu"
     return "plain"
