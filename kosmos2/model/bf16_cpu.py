@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .packed import replace_linears
+from .packed import PlainWeightStateDict, replace_linears
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def use_bf16_cpu_linears(model: nn.Module) -> int:
     return replace_linears(model, Bf16CpuLinear, wanted)
 
 
-class Bf16VnniLinear(nn.Module):
+class Bf16VnniLinear(PlainWeightStateDict, nn.Module):
     """`nn.Linear` for bf16 inference on AVX512-BF16 CPUs, its weight stored once in `pack_vnni`'s layout (inference
     only; `state_dict()` writes and `load_state_dict()` reads the plain weight under the usual name)."""
 
@@ -215,23 +215,8 @@ class Bf16VnniLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"bf16 VNNI-packed")
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = self.weight
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        key = prefix + "weight"
-        if key in state_dict:
-            weight = state_dict[key]
-            if tuple(weight.shape) != (self.out_features, self.in_features):
-                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(weight.shape)}, the "
-                                  f"shape in current model is {(self.out_features, self.in_features)}.")
-            else:
-                self.packed_weight = pack_vnni(weight.to(torch.bfloat16))
-        elif strict:
-            missing_keys.append(key)
-        rest = {k: v for k, v in state_dict.items() if k != key}
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+    def repack(self, weight: torch.Tensor) -> None:
+        self.packed_weight = pack_vnni(weight.to(torch.bfloat16))
 
 
 def use_bf16_vnni_linears(model: nn.Module) -> int:

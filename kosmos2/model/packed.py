@@ -31,7 +31,31 @@ def packing_available(device: torch.device | str = "cpu", dtype: torch.dtype = t
         return False
 
 
-class PackedLinear(nn.Module):
+class PlainWeightStateDict:
+    """Mixin (before nn.Module) for a linear module that stores its weight in some packed layout: checkpoints see a plain
+    nn.Linear (`weight` in [out, in], then `bias`). The module provides a `weight` property (the plain tensor) and
+    `repack(weight)`."""
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.weight
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "weight"
+        if key in state_dict:
+            weight = state_dict[key]
+            if tuple(weight.shape) != (self.out_features, self.in_features):
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(weight.shape)}, the "
+                                  f"shape in current model is {(self.out_features, self.in_features)}.")
+            else:
+                self.repack(weight)
+        elif strict:
+            missing_keys.append(key)
+        rest = {k: v for k, v in state_dict.items() if k != key}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+class PackedLinear(PlainWeightStateDict, nn.Module):
     """`nn.Linear` whose weight lives in oneDNN's blocked layout (inference only)."""
 
     def __init__(self, linear: nn.Linear):
@@ -59,24 +83,8 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed"
 
-    # checkpoints see a plain nn.Linear: `weight` (dense) then `bias`
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = self.weight
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        key = prefix + "weight"
-        if key in state_dict:
-            weight = state_dict[key]
-            if tuple(weight.shape) != (self.out_features, self.in_features):
-                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(weight.shape)}, the "
-                                  f"shape in current model is {(self.out_features, self.in_features)}.")
-            else:
-                self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(self.dtype), None)
-        elif strict:
-            missing_keys.append(key)
-        rest = {k: v for k, v in state_dict.items() if k != key}
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+    def repack(self, weight: torch.Tensor) -> None:
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(self.dtype), None)
 
 
 def pack_linears_for_inference(model: nn.Module) -> nn.Module:
