@@ -23,6 +23,7 @@ from omegaconf import open_dict
 from kosmos2.checkpoint import UNUSED_OFFICIAL_KEYS, official_cfg_model
 from kosmos2.config import Kosmos2Config, load_preset
 from kosmos2.model.kosmos2 import Kosmos2Model
+from kosmos2.model.location_embeddings import init_location_embeddings
 from kosmos2.model.vision import load_open_clip_visual
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ class UniGPTConfig(FairseqDataclass):
     image_encoder: str = field(default="clip", metadata={"help": "only 'clip' exists"})
     visual_model_name: Optional[str] = field(default=None, metadata={"help": "ViT-L-14 (xl) or tiny-vit (tiny)"})
     visual_output_dim: Optional[int] = field(default=None, metadata={"help": "ViT width (features are taken before proj)"})
-    visual_pretrained: Optional[str] = field(default=None, metadata={"help": "open_clip state dict for the ViT, e.g. ViT-L-14-sd.pt"})
+    visual_pretrained: Optional[str] = field(default=None, metadata={
+        "help": "open_clip state dict for the ViT (e.g. ViT-L-14-sd.pt), or an image-side file of scripts/pretrain_image_side.py"})
     image_size: Optional[int] = field(default=None, metadata={"help": "ViT input resolution"})
     patch_size: Optional[int] = field(default=None, metadata={"help": "ViT patch size"})
     vision_width: Optional[int] = field(default=None, metadata={"help": "ViT width"})
@@ -60,6 +62,9 @@ class UniGPTConfig(FairseqDataclass):
     latent_query_num: Optional[int] = field(default=None, metadata={"help": "image slots per image (connector queries)"})
     connector: str = field(default="xconnector", metadata={"help": "only 'xconnector' exists"})
     connector_heads: Optional[int] = field(default=None, metadata={"help": "connector cross-attention heads"})
+    location_embedding_init: Optional[str] = field(default=None, metadata={
+        "help": "from-scratch init of the <patch_index_*> embeddings: normal (official, xl) or sincos2d (tiny); "
+                "see kosmos2/model/location_embeddings.py"})
     no_freeze_all: bool = field(default=False, metadata={"help": "train the ViT too (official: a no-op, spec §1.8)"})
 
 
@@ -100,6 +105,9 @@ class UniGPTModel(Kosmos2Model, BaseFairseqModel):
         logger.info("built %s; %s trainable of %s parameters (ViT %s)", kcfg.summary(),
                     f"{model.num_parameters(trainable_only=True):,}", f"{model.num_parameters():,}",
                     "trainable" if model.image_encoder_trainable else "frozen")
+        tokenizer = task.tokenizer
+        init_location_embeddings(model.decoder.embed_tokens, tokenizer.patch_index_id(0), tokenizer.location_bin_size,
+                                 kcfg.location_embedding_init)
         if getattr(cfg, "visual_pretrained", None):
             load_visual_pretrained(model, cfg.visual_pretrained)
         return model
@@ -133,15 +141,26 @@ def record_resolved_config(cfg, kcfg: Kosmos2Config) -> None:
 
 
 def load_visual_pretrained(model: Kosmos2Model, path: str) -> None:
-    """`--visual-pretrained`: an open_clip / OpenAI CLIP state dict for the ViT (e.g. ViT-L-14-sd.pt)."""
+    """`--visual-pretrained`: an open_clip / OpenAI CLIP state dict for the ViT (e.g. ViT-L-14-sd.pt), or an image-side
+    file (`img_model.visual.*` + `img_connector.*`, as scripts/pretrain_image_side.py writes) for ViT and connector."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"--visual-pretrained {path}: no such file. Pass an open_clip ViT state dict "
                                 f"(official: ViT-L-14-sd.pt), or drop the flag to start the ViT from random init "
                                 f"(or from --init-from-file)")
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
+    connector = {k[len("img_connector."):]: v for k, v in state.items() if k.startswith("img_connector.")}
+    if connector:
+        expected = {k: tuple(v.shape) for k, v in model.img_connector.state_dict().items()}
+        given = {k: tuple(v.shape) for k, v in connector.items()}
+        if given != expected:
+            raise ValueError(f"--visual-pretrained {path}: its connector {given} does not fit this model's {expected}; "
+                             f"pretrain the image side with the same preset and --latent-query-num")
+        model.img_connector.load_state_dict(connector)
+        state = {k[len("img_model."):]: v for k, v in state.items() if k.startswith("img_model.")}
     ignored = load_open_clip_visual(model.img_model.visual, state)
-    logger.info("loaded ViT weights from %s (%d non-visual keys ignored)", path, len(ignored))
+    logger.info("loaded ViT%s weights from %s (%d non-visual keys ignored)", " and connector" if connector else "", path,
+                len(ignored))
 
 
 @register_model_architecture("unigptmodel", "unigptmodel_xl")

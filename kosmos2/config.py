@@ -44,6 +44,8 @@ class Kosmos2Config:
     # connector (xconnector)
     latent_query_num: int = 64
     connector_heads: int = 32
+    # from-scratch init of the <patch_index_*> rows: "normal" (official) or "sincos2d" (kosmos2/model/location_embeddings.py)
+    location_embedding_init: str = "normal"
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -58,6 +60,7 @@ class Kosmos2Config:
             (self.decoder_embed_dim % self.connector_heads == 0, "decoder_embed_dim must be divisible by connector_heads"),
             (self.visual_output_dim == self.vision_width, "visual_output_dim must equal vision_width (features are taken before any projection)"),
             (self.vocab_size > 4 and self.latent_query_num > 0, "vocab_size and latent_query_num must be positive"),
+            (self.location_embedding_init in ("normal", "sincos2d"), "location_embedding_init must be 'normal' or 'sincos2d'"),
         ]
         for ok, message in checks:
             if not ok:

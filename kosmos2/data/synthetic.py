@@ -88,23 +88,35 @@ def sample_scene(rng: random.Random, width: int, height: int, max_shapes: int = 
     return scene
 
 
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, fill) -> None:
+    x1, y1, x2, y2 = shape.box
+    # PIL's right/bottom coordinates are inclusive, our boxes are exclusive
+    if shape.kind == "circle":
+        draw.ellipse([x1, y1, x2 - 1, y2 - 1], fill=fill)
+    elif shape.kind == "square":
+        draw.rectangle([x1, y1, x2 - 1, y2 - 1], fill=fill)
+    elif shape.kind == "triangle":
+        draw.polygon([((x1 + x2) / 2, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)], fill=fill)
+    else:  # diamond
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        draw.polygon([(cx, y1), (x2 - 1, cy), (cx, y2 - 1), (x1, cy)], fill=fill)
+
+
 def draw_scene(scene: Scene) -> Image.Image:
     image = Image.new("RGB", (scene.width, scene.height), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
     for shape in scene.shapes:
-        x1, y1, x2, y2 = shape.box
-        fill = COLOURS[shape.colour]
-        # PIL's right/bottom coordinates are inclusive, our boxes are exclusive
-        if shape.kind == "circle":
-            draw.ellipse([x1, y1, x2 - 1, y2 - 1], fill=fill)
-        elif shape.kind == "square":
-            draw.rectangle([x1, y1, x2 - 1, y2 - 1], fill=fill)
-        elif shape.kind == "triangle":
-            draw.polygon([((x1 + x2) / 2, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)], fill=fill)
-        else:  # diamond
-            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-            draw.polygon([(cx, y1), (x2 - 1, cy), (cx, y2 - 1), (x1, cy)], fill=fill)
+        _draw_shape(draw, shape, COLOURS[shape.colour])
     return image
+
+
+def draw_labels(scene: Scene) -> Image.Image:
+    """Mode-"L" label map of `draw_scene`'s pixels: 0 = background, k + 1 = scene.shapes[k] (later shapes on top)."""
+    labels = Image.new("L", (scene.width, scene.height), 0)
+    draw = ImageDraw.Draw(labels)
+    for k, shape in enumerate(scene.shapes):
+        _draw_shape(draw, shape, k + 1)
+    return labels
 
 
 # ----------------------------------------------------------------------------- language

@@ -1,0 +1,339 @@
+"""Pretrain the tiny preset's image side (ViT + xconnector) on synthetic shapes: its stand-in for CLIP.
+
+    python scripts/pretrain_image_side.py --out output/tiny/image_side.pt [--steps 300] [--preset tiny]
+
+Kosmos-2 never learns its image side from scratch: the released model starts from a pretrained OpenAI CLIP ViT-L/14
+(`--visual-pretrained`). A tiny Kosmos-2 whose ViT and connector start random learns *what* is in a synthetic scene
+within minutes but not *where* (docs/training.md, "Learning to ground from scratch"): the resampler's learned queries
+average over the whole image, so its slots carry no position. This script gives the tiny preset, in about three
+minutes on 2 CPU cores, what CLIP gives xl: slots from which the objects and their places can be read.
+
+Every loss is on what one patch shows, read by linear probes (plus one attention head), and each is there for a
+reason found by measuring (docs/training.md):
+* ViT tokens -> the colour, shape and box of the object covering the patch, and the 2D sin-cos codes of that box's
+  two location bins (`<patch_index_UL>`, `<patch_index_LR>`; the code the tiny preset starts those embeddings from);
+* ViT tokens -> which patch they are (without it the ViT makes all patches of an object alike and forgets where they
+  are), with the position embedding initialised at the content's scale;
+* connector: latent query i attends to patch i (cross-entropy on the connector's own attention scores; without it
+  the queries never leave the uniform average), and slot i -> the same targets as patch i;
+* "find the red circle": a query made of an object's colour and shape attends over the slots and reads its box,
+  which makes the slots easy to search by content.
+
+Scenes are drawn on the fly from `kosmos2.data.synthetic` (the corpus's own generator with a seed of its own, so no
+training or evaluation image of the corpus is seen) and pass through the training image transform after a JPEG round
+trip, like the corpus. No text is involved: the decoder still has to learn which phrase names which object and how to
+write location tokens. The output holds `img_model.visual.*` and `img_connector.*` weights in the model's layout,
+loaded with `--visual-pretrained` (which also takes an open_clip ViT state dict); held-out metrics are printed as JSON
+at the end and written next to the weights.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kosmos2.config import Kosmos2Config, load_preset  # noqa: E402
+from kosmos2.data import synthetic as syn  # noqa: E402
+from kosmos2.grounding import box_to_patch_indices  # noqa: E402
+from kosmos2.image import train_transform  # noqa: E402
+from kosmos2.model.connector import XConnector  # noqa: E402
+from kosmos2.model.location_embeddings import sincos_2d_bins  # noqa: E402
+from kosmos2.model.vision import ImageModel  # noqa: E402
+
+COLOUR_NAMES = sorted(syn.COLOURS)
+KIND_NAMES = list(syn.SHAPES)
+JPEG_QUALITY = 95  # as data/make_synthetic.py
+MAX_OBJECTS = 3  # syn.sample_scene's default max_shapes
+POSITION_SCALE = 14.0  # ViT position embedding init x this: std 1 per channel instead of open_clip's width^-0.5
+
+
+def object_bins(shape: syn.Shape, scene: syn.Scene, bins: int) -> tuple[int, int]:
+    return box_to_patch_indices(shape.norm_box(scene.width, scene.height), bins)
+
+
+def patch_targets(scene: syn.Scene, patch: int, bins: int) -> tuple[np.ndarray, ...]:
+    """Per patch (row-major, like the ViT's tokens), for the object with the most pixels in the patch: colour and
+    shape class (0 = background, else 1 + index), box (x1, y1, x2, y2 in [0, 1]) and its (UL, LR) location bins
+    (zeros on background)."""
+    labels = np.asarray(syn.draw_labels(scene))
+    rows, cols = labels.shape[0] // patch, labels.shape[1] // patch
+    blocks = labels[: rows * patch, : cols * patch].reshape(rows, patch, cols, patch).transpose(0, 2, 1, 3)
+    blocks = blocks.reshape(rows * cols, patch * patch)
+    counts = np.stack([(blocks == k).sum(1) for k in range(len(scene.shapes) + 1)], axis=1)
+    owner = counts.argmax(1)  # 0 = background
+    colour, kind = np.zeros(len(owner), np.int64), np.zeros(len(owner), np.int64)
+    box, ul_lr = np.zeros((len(owner), 4), np.float32), np.zeros((len(owner), 2), np.int64)
+    for k, shape in enumerate(scene.shapes):
+        mine = owner == k + 1
+        colour[mine], kind[mine] = 1 + COLOUR_NAMES.index(shape.colour), 1 + KIND_NAMES.index(shape.kind)
+        box[mine], ul_lr[mine] = shape.norm_box(scene.width, scene.height), object_bins(shape, scene, bins)
+    return colour, kind, box, ul_lr
+
+
+def object_targets(scene: syn.Scene, bins: int) -> tuple[np.ndarray, ...]:
+    """Per object (padded to MAX_OBJECTS): colour and shape class (as above), box, (UL, LR) bins and a validity mask.
+    (colour, shape) is unique within a scene, so it names the object like "the red circle" does."""
+    colour, kind = np.zeros(MAX_OBJECTS, np.int64), np.zeros(MAX_OBJECTS, np.int64)
+    box, ul_lr = np.zeros((MAX_OBJECTS, 4), np.float32), np.zeros((MAX_OBJECTS, 2), np.int64)
+    valid = np.zeros(MAX_OBJECTS, bool)
+    for k, shape in enumerate(scene.shapes[:MAX_OBJECTS]):
+        colour[k], kind[k] = 1 + COLOUR_NAMES.index(shape.colour), 1 + KIND_NAMES.index(shape.kind)
+        box[k], ul_lr[k], valid[k] = shape.norm_box(scene.width, scene.height), object_bins(shape, scene, bins), True
+    return colour, kind, box, ul_lr, valid
+
+
+class SceneBatches:
+    """Endless batches of freshly drawn square scenes: pixels [B,3,S,S], per-patch targets [B,P,...] and per-object
+    targets [B,MAX_OBJECTS,...]."""
+
+    def __init__(self, seed: str, image_size: int, patch: int, bins: int, overlap_prob: float = 0.1):
+        self.rng, self.size, self.patch, self.bins, self.overlap = random.Random(seed), image_size, patch, bins, overlap_prob
+        self.transform = train_transform(image_size)
+
+    def _pixels(self, scene: syn.Scene) -> torch.Tensor:
+        buffer = io.BytesIO()
+        syn.draw_scene(scene).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        buffer.seek(0)
+        return self.transform(buffer)
+
+    def next(self, batch_size: int) -> dict[str, torch.Tensor]:
+        pixels, patches, objects = [], [], []
+        for _ in range(batch_size):
+            scene = syn.sample_scene(self.rng, self.size, self.size, overlap_prob=self.overlap)
+            pixels.append(self._pixels(scene))
+            patches.append(patch_targets(scene, self.patch, self.bins))
+            objects.append(object_targets(scene, self.bins))
+        stack = lambda rows: [torch.from_numpy(np.stack(column)) for column in zip(*rows)]
+        batch = {"pixels": torch.stack(pixels)}
+        batch.update(zip(("patch_colour", "patch_kind", "patch_box", "patch_bins"), stack(patches)))
+        batch.update(zip(("obj_colour", "obj_kind", "obj_box", "obj_bins", "obj_valid"), stack(objects)))
+        return batch
+
+
+class Readout(nn.Module):
+    """Linear read-outs of a feature: box and the sin-cos codes of its UL and LR location bins."""
+
+    def __init__(self, width: int, code_width: int):
+        super().__init__()
+        self.box, self.ul_code, self.lr_code = nn.Linear(width, 4), nn.Linear(width, code_width), nn.Linear(width, code_width)
+        for head in (self.box, self.ul_code, self.lr_code):  # start at 0: a random code would dominate the loss
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.box(x), self.ul_code(x), self.lr_code(x)
+
+
+class PatchProbe(nn.Module):
+    """Linear read-outs of one feature per patch: colour and shape class, box, and the codes of its UL/LR bins."""
+
+    def __init__(self, width: int, code_width: int):
+        super().__init__()
+        self.colour, self.kind = nn.Linear(width, 1 + len(COLOUR_NAMES)), nn.Linear(width, 1 + len(KIND_NAMES))
+        self.readout = Readout(width, code_width)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.colour(x), self.kind(x), *self.readout(x))
+
+
+class ImageSide(nn.Module):
+    """Kosmos-2's image path (`img_model` -> `img_connector`, state dict keys as in the full model) and two probes
+    that ask the same question of every patch (which object covers it, and where is that object?):
+
+    * on the ViT's patch tokens: teaches the ViT to describe the object around each patch, box included;
+    * on the connector's slots, slot i for patch i (row-major; latent_query_num must equal the number of patches):
+      teaches the resampler to keep the patches apart instead of averaging the image (what it does from random
+      init, which is why a from-scratch tiny Kosmos-2 never learns where things are, docs/training.md). The decoder
+      then finds "the red circle" among the slots by content and reads its location from the same slot.
+    """
+
+    def __init__(self, cfg: Kosmos2Config, bins: int, position_scale: float = POSITION_SCALE):
+        super().__init__()
+        patches = (cfg.image_size // cfg.patch_size) ** 2
+        if cfg.latent_query_num != patches:
+            raise ValueError(f"pretraining the image side needs one connector slot per ViT patch: latent_query_num is "
+                             f"{cfg.latent_query_num}, the ViT has {patches} patches (set latent_query_num={patches})")
+        self.img_model, self.img_connector = ImageModel(cfg), XConnector(cfg)
+        with torch.no_grad():
+            # open_clip's init gives the position embedding ~1/8 of the patch content's norm, and the ViT washes it out;
+            # at the content's scale the tokens keep telling where they are, which the connector routes by.
+            self.img_model.visual.positional_embedding.mul_(position_scale)
+        self.token_probe = PatchProbe(cfg.vision_width, cfg.decoder_embed_dim)
+        self.token_where = nn.Linear(cfg.vision_width, patches)  # which patch am I: keeps position in the tokens
+        self.slot_probe = PatchProbe(cfg.decoder_embed_dim, cfg.decoder_embed_dim)
+        d = cfg.decoder_embed_dim
+        self.colour_embed, self.kind_embed = nn.Embedding(1 + len(COLOUR_NAMES), d), nn.Embedding(1 + len(KIND_NAMES), d)
+        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.object_readout = Readout(d, d)
+        self.bins = bins
+        self.register_buffer("codes", sincos_2d_bins(bins, cfg.decoder_embed_dim), persistent=False)
+
+    def image_side_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if k.startswith(("img_model.", "img_connector."))}
+
+    def forward(self, pixels: torch.Tensor, obj_colour: torch.Tensor, obj_kind: torch.Tensor) -> dict:
+        tokens = self.img_model(pixels)  # unit-norm tokens, as the connector receives them
+        slots = self.img_connector(tokens)  # exactly what Kosmos2Model.encode_images computes
+        patches = tokens[:, 1:] * tokens.shape[-1] ** 0.5  # drop CLS; LayerNorm scale, so the probes learn fast
+        return {"token": self.token_probe(patches), "slot": self.slot_probe(slots), "where": self.token_where(patches),
+                "route": self.connector_attention_logits(tokens), "object": self.find_objects(slots, obj_colour, obj_kind)}
+
+    def find_objects(self, slots: torch.Tensor, colour: torch.Tensor, kind: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The decoder's grounding step in miniature: a query made of an object's colour and shape ("the red
+        circle") attends over the slots (one head) and reads that object's box and location codes. It makes the
+        slots easy to search by content, which is what the decoder must learn to do with the phrase."""
+        q = self.query(self.colour_embed(colour) + self.kind_embed(kind))  # [B, objects, d]
+        attention = (q @ self.key(slots).transpose(1, 2) / q.shape[-1] ** 0.5).softmax(-1)  # [B, objects, slots]
+        return self.object_readout(attention @ self.value(slots))
+
+    def connector_attention_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[N, heads, queries, tokens + queries]: the scores XConnector's cross-attention softmaxes (same weights)."""
+        con = self.img_connector
+        x = con.dense(tokens)
+        queries = con.latent_query.expand(x.shape[0], -1, -1)
+        keys = con.x_attn.k_proj(torch.cat([x, queries], dim=1))
+        split = lambda y: y.view(y.shape[0], y.shape[1], con.x_attn.heads, -1).transpose(1, 2)
+        q, k = split(con.x_attn.q_proj(queries)), split(keys)
+        return q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+
+
+def losses(model: ImageSide, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = model(batch["pixels"], batch["obj_colour"], batch["obj_kind"])
+    where, route, found = out.pop("where"), out.pop("route"), out.pop("object")
+    on_object = (batch["patch_colour"] > 0).float()
+    bins = batch["patch_bins"]
+
+    def on_objects(err):
+        return (err * on_object).sum() / on_object.sum().clamp(min=1)
+
+    patch_index = torch.arange(where.shape[1]).expand(where.shape[0], -1)
+    own_token = 1 + torch.arange(route.shape[2]).expand(*route.shape[:2], -1)  # slot i -> ViT token i + 1 (0 = CLS)
+    result = {"where": F.cross_entropy(where.flatten(0, 1), patch_index.flatten()),
+              "where_acc": (where.argmax(-1) == patch_index).float().mean(),
+              "route": F.cross_entropy(route.flatten(0, 2), own_token.flatten()),
+              "route_acc": (route.argmax(-1) == own_token).float().mean()}
+    for name, (colour, kind, box, ul, lr) in out.items():
+        code_err = ((ul - model.codes[bins[..., 0]]) ** 2).sum(-1) + ((lr - model.codes[bins[..., 1]]) ** 2).sum(-1)
+        nearest_ul = (ul @ model.codes.T).argmax(-1)  # what a tied output head over the bin codes would pick
+        result[f"{name}_colour"] = F.cross_entropy(colour.flatten(0, 1), batch["patch_colour"].flatten())
+        result[f"{name}_kind"] = F.cross_entropy(kind.flatten(0, 1), batch["patch_kind"].flatten())
+        result[f"{name}_box"] = on_objects((box - batch["patch_box"]).abs().sum(-1))
+        result[f"{name}_codes"] = on_objects(code_err)
+        result[f"{name}_colour_acc"] = (colour.argmax(-1) == batch["patch_colour"]).float().mean()
+        rows, cols = nearest_ul // model.bins, nearest_ul % model.bins
+        near = ((rows - bins[..., 0] // model.bins).abs() <= 1) & ((cols - bins[..., 0] % model.bins).abs() <= 1)
+        result[f"{name}_ul_within_1_bin"] = on_objects(near.float())
+    valid = batch["obj_valid"].float()
+    box, ul, lr = found
+    obj_bins = batch["obj_bins"]
+    code_err = ((ul - model.codes[obj_bins[..., 0]]) ** 2).sum(-1) + ((lr - model.codes[obj_bins[..., 1]]) ** 2).sum(-1)
+    result["object_box"] = ((box - batch["obj_box"]).abs().sum(-1) * valid).sum() / valid.sum()
+    result["object_codes"] = (code_err * valid).sum() / valid.sum()
+    return result
+
+
+def total_loss(out: dict[str, torch.Tensor], box_weight: float) -> torch.Tensor:
+    per_patch = sum(out[f"{name}_colour"] + out[f"{name}_kind"] + box_weight * out[f"{name}_box"] + out[f"{name}_codes"]
+                    for name in ("token", "slot"))
+    return out["where"] + out["route"] + per_patch + box_weight * out["object_box"] + out["object_codes"]
+
+
+def cosine_lr(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+@torch.no_grad()
+def evaluate(model: ImageSide, batch, image_size: int) -> dict[str, float]:
+    model.eval()
+    out = losses(model, batch)
+    model.train()
+    metrics = {"token_where_acc": round(out["where_acc"].item(), 4), "slot_route_acc": round(out["route_acc"].item(), 4)}
+    for name in ("token", "slot"):
+        metrics[f"{name}_colour_acc"] = round(out[f"{name}_colour_acc"].item(), 4)
+        # mean absolute error of one box coordinate of the covering object, in pixels of the image
+        metrics[f"{name}_box_mae_px"] = round(out[f"{name}_box"].item() / 4 * image_size, 3)
+        # share of object patches whose UL code is nearest to a bin within one bin of the right one
+        metrics[f"{name}_ul_within_1_bin"] = round(out[f"{name}_ul_within_1_bin"].item(), 4)
+    # box of the object named by its colour and shape, read from the slots by one attention head
+    metrics["object_box_mae_px"] = round(out["object_box"].item() / 4 * image_size, 3)
+    return metrics
+
+
+def pretrain(args, cfg: Kosmos2Config | None = None) -> dict:
+    """Train, save the image side to args.out (+ .json metrics) and return the metrics. `cfg` defaults to the preset."""
+    torch.manual_seed(args.seed)
+    cfg = cfg or load_preset(args.preset)
+    model = ImageSide(cfg, args.bins)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
+    train = SceneBatches(f"{args.seed}-image-side", cfg.image_size, cfg.patch_size, args.bins)
+    held_out = SceneBatches(f"{args.seed}-image-side-held-out", cfg.image_size, cfg.patch_size, args.bins).next(args.held_out)
+    started = time.time()
+    bar = tqdm(range(args.steps), desc="pretraining the image side", unit="step", disable=args.quiet)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, args.steps, args.lr, args.warmup)
+        out = losses(model, train.next(args.batch_size))
+        loss = total_loss(out, args.box_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_norm)
+        optimizer.step()
+        if step % 25 == 0 or step == args.steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}", vit_box_px=f"{out['token_box'].item() / 4 * cfg.image_size:.2f}",
+                            slot_box_px=f"{out['slot_box'].item() / 4 * cfg.image_size:.2f}",
+                            object_box_px=f"{out['object_box'].item() / 4 * cfg.image_size:.2f}")
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            tqdm.write(json.dumps({"step": step + 1, "seconds": round(time.time() - started, 1),
+                                   **evaluate(model, held_out, cfg.image_size)}))
+    metrics = {"preset": args.preset, "steps": args.steps, "batch_size": args.batch_size, "bins": args.bins,
+               "seconds": round(time.time() - started, 1), "held_out": evaluate(model, held_out, cfg.image_size)}
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.image_side_state_dict(), out_path)
+    out_path.with_suffix(".json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="output/tiny_image_side/image_side.pt", help="where the weights go")
+    parser.add_argument("--preset", default="tiny", help="model preset whose image side is pretrained (configs/models/)")
+    parser.add_argument("--bins", type=int, default=32, help="location bins per side (--quantized-size of training)")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=60)
+    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--box-weight", type=float, default=5.0, help="weight of the box L1 loss (box in [0, 1] units)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--held-out", type=int, default=256, help="held-out scenes for the final metrics")
+    parser.add_argument("--clip-norm", type=float, default=1.0, help="gradient norm clipping (0: none)")
+    parser.add_argument("--eval-every", type=int, default=0, help="print held-out metrics every N steps (0: at the end)")
+    parser.add_argument("--quiet", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    metrics = pretrain(parse_args(argv))
+    print(json.dumps(metrics))
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
