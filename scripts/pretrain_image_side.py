@@ -150,14 +150,16 @@ class PatchProbe(nn.Module):
 
 
 class ImageSide(nn.Module):
-    """Kosmos-2's image path (`img_model` -> `img_connector`, state dict keys as in the full model) and two probes
-    that ask the same question of every patch (which object covers it, and where is that object?):
+    """Kosmos-2's image path (`img_model` -> `img_connector`, state dict keys as in the full model) and the probes
+    that train it (only the image path is saved):
 
-    * on the ViT's patch tokens: teaches the ViT to describe the object around each patch, box included;
+    * on the ViT's patch tokens: the object covering the patch (class, box, bin codes) and the patch's own index;
+    * on the connector's attention scores: query i must pick token i + 1 (patch i). From random init the queries
+      attend to everything alike and the slots do not depend on the image; supervising the scores fixes that;
     * on the connector's slots, slot i for patch i (row-major; latent_query_num must equal the number of patches):
-      teaches the resampler to keep the patches apart instead of averaging the image (what it does from random
-      init, which is why a from-scratch tiny Kosmos-2 never learns where things are, docs/training.md). The decoder
-      then finds "the red circle" among the slots by content and reads its location from the same slot.
+      the same object targets as the tokens, so the slots carry them;
+    * `find_objects`: a colour + shape query attends over the slots and reads that object's box.
+    The decoder then finds "the red circle" among the slots by content and reads its location from the same slots.
     """
 
     def __init__(self, cfg: Kosmos2Config, bins: int, position_scale: float = POSITION_SCALE):
@@ -210,7 +212,9 @@ class ImageSide(nn.Module):
         return q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
 
 
-def losses(model: ImageSide, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def losses(model: ImageSide, batch: dict[str, torch.Tensor], metrics: bool = False) -> dict[str, torch.Tensor]:
+    """The training losses; with `metrics`, also the accuracies `evaluate` reports (not needed for training: the
+    nearest-bin search alone costs ~10 % of a step)."""
     out = model(batch["pixels"], batch["obj_colour"], batch["obj_kind"])
     where, route, found = out.pop("where"), out.pop("route"), out.pop("object")
     on_object = (batch["patch_colour"] > 0).float()
@@ -222,17 +226,20 @@ def losses(model: ImageSide, batch: dict[str, torch.Tensor]) -> dict[str, torch.
     patch_index = torch.arange(where.shape[1]).expand(where.shape[0], -1)
     own_token = 1 + torch.arange(route.shape[2]).expand(*route.shape[:2], -1)  # slot i -> ViT token i + 1 (0 = CLS)
     result = {"where": F.cross_entropy(where.flatten(0, 1), patch_index.flatten()),
-              "where_acc": (where.argmax(-1) == patch_index).float().mean(),
-              "route": F.cross_entropy(route.flatten(0, 2), own_token.flatten()),
-              "route_acc": (route.argmax(-1) == own_token).float().mean()}
+              "route": F.cross_entropy(route.flatten(0, 2), own_token.flatten())}
+    if metrics:
+        result["where_acc"] = (where.argmax(-1) == patch_index).float().mean()
+        result["route_acc"] = (route.argmax(-1) == own_token).float().mean()
     for name, (colour, kind, box, ul, lr) in out.items():
         code_err = ((ul - model.codes[bins[..., 0]]) ** 2).sum(-1) + ((lr - model.codes[bins[..., 1]]) ** 2).sum(-1)
-        nearest_ul = (ul @ model.codes.T).argmax(-1)  # what a tied output head over the bin codes would pick
         result[f"{name}_colour"] = F.cross_entropy(colour.flatten(0, 1), batch["patch_colour"].flatten())
         result[f"{name}_kind"] = F.cross_entropy(kind.flatten(0, 1), batch["patch_kind"].flatten())
         result[f"{name}_box"] = on_objects((box - batch["patch_box"]).abs().sum(-1))
         result[f"{name}_codes"] = on_objects(code_err)
+        if not metrics:
+            continue
         result[f"{name}_colour_acc"] = (colour.argmax(-1) == batch["patch_colour"]).float().mean()
+        nearest_ul = (ul @ model.codes.T).argmax(-1)  # what a tied output head over the bin codes would pick
         rows, cols = nearest_ul // model.bins, nearest_ul % model.bins
         near = ((rows - bins[..., 0] // model.bins).abs() <= 1) & ((cols - bins[..., 0] % model.bins).abs() <= 1)
         result[f"{name}_ul_within_1_bin"] = on_objects(near.float())
@@ -260,7 +267,7 @@ def cosine_lr(step: int, steps: int, peak: float, warmup: int) -> float:
 @torch.no_grad()
 def evaluate(model: ImageSide, batch, image_size: int) -> dict[str, float]:
     model.eval()
-    out = losses(model, batch)
+    out = losses(model, batch, metrics=True)
     model.train()
     metrics = {"token_where_acc": round(out["where_acc"].item(), 4), "slot_route_acc": round(out["route_acc"].item(), 4)}
     for name in ("token", "slot"):
@@ -312,7 +319,7 @@ def pretrain(args, cfg: Kosmos2Config | None = None) -> dict:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="output/tiny_image_side/image_side.pt", help="where the weights go")
+    parser.add_argument("--out", default="output/tiny/image_side.pt", help="where the weights go")
     parser.add_argument("--preset", default="tiny", help="model preset whose image side is pretrained (configs/models/)")
     parser.add_argument("--bins", type=int, default=32, help="location bins per side (--quantized-size of training)")
     parser.add_argument("--steps", type=int, default=300)

@@ -194,3 +194,38 @@ def test_gpu_smoke_script_runs_the_official_recipe_on_cpu(corpus, capsys, monkey
     assert result["trainable_params"] == frozen_vit.num_parameters(trainable_only=True)
     assert result["tokens_s"] > 0 and result["mfu"] is None and result["device"] == "cpu"
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+
+
+@pytest.mark.slow
+def test_embedded_default_recipe_starts_from_the_pretrained_image_side(corpus, tmp_path):
+    """What `bash train.sh` runs: scripts/pretrain_image_side.py writes the image side, configs/train/tiny_cpu.sh
+    loads it with --visual-pretrained. After training the ViT is exactly the pretrained one (frozen, as in the
+    official recipe) and the connector has moved on from it (fine-tuned)."""
+    micro = dict(image_size=32, patch_size=8, vision_width=16, vision_layers=1, vision_heads=2, visual_output_dim=16,
+                 decoder_layers=1, decoder_embed_dim=32, decoder_ffn_embed_dim=64, decoder_attention_heads=2,
+                 latent_query_num=16, connector_heads=2)  # 4x4 patches, one slot each (the pretraining needs that)
+    sys.path.insert(0, str(REPO / "scripts"))
+    import pretrain_image_side
+    from kosmos2.config import load_preset
+
+    image_side = tmp_path / "image_side.pt"
+    pretrain_image_side.pretrain(pretrain_image_side.parse_args(
+        ["--out", str(image_side), "--steps", "2", "--batch-size", "4", "--held-out", "4", "--quiet"]),
+        load_preset("tiny", **micro))
+    recipe = subprocess.run(["bash", "configs/train/tiny_cpu.sh", str(corpus), str(tmp_path / "run"), str(image_side)],
+                            cwd=REPO, capture_output=True, text=True, check=True, env={**RUN_ENV, "MAX_UPDATE": "2"})
+    flags = recipe.stdout.split()
+    assert flags[flags.index("--visual-pretrained") + 1] == str(image_side) and "--no-freeze-all" not in flags
+    overrides = [f"--{k.replace('_', '-')}={v}" for k, v in micro.items()]
+    run_training([*flags, *overrides, "--laion-batch-size", "2", "--interleaved-batch-size", "1",
+                  "--num-workers", "0", "--batch-read-ahead", "4", "--log-format", "json"])
+
+    pretrained = torch.load(image_side, weights_only=True)
+    trained = model_state(tmp_path / "run/checkpoint_last.pt")
+    vit = [k for k in pretrained if k.startswith("img_model.")]
+    connector = [k for k in pretrained if k.startswith("img_connector.")]
+    assert vit and connector
+    assert all(torch.equal(trained[k], pretrained[k]) for k in vit)
+    assert any(not torch.equal(trained[k], pretrained[k]) for k in connector)
+    model = load_model(tmp_path / "run/checkpoint_last.pt")
+    assert not model.image_encoder_trainable and model.cfg.latent_query_num == 16
