@@ -41,14 +41,16 @@ def test_generate_tiny_matches_transformers(capsys):
                                                              "read_gb_s", "weights_read_per_step_mb", "env"} \
         <= set(result["transformers"])
     assert result["tokens_equal"] is True and result["first_divergence_step"] is None
-    assert result["generated_tokens"] > 0 and result["prompt_tokens"] == 2 + 16 + 5
+    # <s> <image> [one slot per latent query] </image> <grounding> An image of
+    assert result["generated_tokens"] > 0 and result["prompt_tokens"] == 2 + load_preset("tiny").latent_query_num + 5
     assert {"decode_speedup", "prefill_ratio", "peak_rss_ratio"} <= set(result)
     assert result["env"]["loadavg"] and result["env"]["torch"] == torch.__version__
 
 
 def test_train_tiny_json(capsys):
     pytest.importorskip("transformers")
-    result = run(capsys, "train", "--preset", "tiny", "--batch-size", "2", "--seq-len", "32", "--steps", "1",
+    seq_len = load_preset("tiny").latent_query_num + 3 + 13  # <s> <image> slots </image> + 13 text tokens
+    result = run(capsys, "train", "--preset", "tiny", "--batch-size", "2", "--seq-len", str(seq_len), "--steps", "1",
                  "--repeats", "1", "--compare-transformers")
     assert {"step_s", "tokens_s", "peak_rss_mb", "trainable_params", "tokens_s_speedup", "env"} <= set(result)
     assert result["same_trainable_params"] is True  # both train the decoder and connector, not the ViT

@@ -81,8 +81,9 @@ def test_image_encoder_frozen_by_default_and_switchable():
     assert not any(p.requires_grad for p in model.img_model.parameters())
     assert all(p.requires_grad for p in model.img_connector.parameters())
     model.set_image_encoder_trainable(True)
-    ids = torch.randint(4, 50, (1, 20))
-    mask = torch.zeros(1, 20, dtype=torch.bool)
+    length = model.cfg.latent_query_num + 6
+    ids = torch.randint(4, 50, (1, length))
+    mask = torch.zeros(1, length, dtype=torch.bool)
     mask[0, 2:2 + model.cfg.latent_query_num] = True
     model(ids, img_src_tokens=torch.randn(1, 3, model.cfg.image_size, model.cfg.image_size), img_gpt_input_mask=mask).sum().backward()
     assert model.img_model.visual.conv1.weight.grad is not None
