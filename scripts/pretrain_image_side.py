@@ -318,8 +318,11 @@ def pretrain(args, cfg: Kosmos2Config | None = None) -> dict:
                "seconds": round(time.time() - started, 1), "held_out": evaluate(model, held_out, cfg.image_size)}
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.image_side_state_dict(), out_path)
     out_path.with_suffix(".json").write_text(json.dumps(metrics, indent=1))
+    # through a temporary name: train.sh skips the pretraining when the file exists, so it must never be half-written
+    partial = out_path.with_name(out_path.name + ".partial")
+    torch.save(model.image_side_state_dict(), partial)
+    partial.replace(out_path)
     return metrics
 
 
