@@ -18,7 +18,7 @@ reason found by measuring (docs/training.md):
   the queries never leave the uniform average), and slot i -> the same targets as patch i. The latent queries learn
   at 10x the rate of the rest (`--query-lr-scale`): they start at N(0, 1) (the official init) and Adam moves each
   element by about the learning rate per step, so at the common rate routing was only 0.58 accurate after 200 steps
-  of batch 64 (0.73 with 10x; 400 steps of batch 32 with 10x reach 0.997 in 60 % of the time of 300 x 64);
+  of batch 64 (0.73 with 10x; 400 steps of batch 32 with 10x reach 0.997 in two thirds of the time of 300 x 64);
 * "find the red circle": a query made of an object's colour and shape attends over the slots and reads its box,
   which makes the slots easy to search by content.
 
@@ -217,7 +217,7 @@ class ImageSide(nn.Module):
 
 def losses(model: ImageSide, batch: dict[str, torch.Tensor], metrics: bool = False) -> dict[str, torch.Tensor]:
     """The training losses; with `metrics`, also the accuracies `evaluate` reports (not needed for training: the
-    nearest-bin search alone costs ~10 % of a step)."""
+    nearest-bin search alone costs ~5 % of a step)."""
     out = model(batch["pixels"], batch["obj_colour"], batch["obj_kind"])
     where, route, found = out.pop("where"), out.pop("route"), out.pop("object")
     on_object = (batch["patch_colour"] > 0).float()

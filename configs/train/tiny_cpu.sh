@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The embedded default: the tiny preset trained from scratch on the synthetic shapes corpus, on CPU.
+# The embedded default: the tiny preset trained on the synthetic shapes corpus, on CPU, from the tiny image side that
+# scripts/pretrain_image_side.py pretrains (train.sh runs it first).
 #
 #   bash train.sh                                      (runs this recipe, then the synthetic evaluation)
 #   bash train.sh $(bash configs/train/tiny_cpu.sh DATA_DIR SAVE_DIR [IMAGE_SIDE]) [more flags override earlier ones]
