@@ -48,22 +48,23 @@ launch() {
 
 default_run() {
   local data=data/synthetic out=output/tiny start=$SECONDS
+  local image_side="$out/image_side.pt"
   bash vl_setup_xl.sh
   if [[ ! -f "$data/manifest.json" ]]; then
     echo "[train.sh] building the synthetic corpus in $data"
     "$PY" data/make_synthetic.py --out "$data" --quiet
   fi
   mkdir -p "$out"
-  if [[ ! -f "$out/image_side.pt" ]]; then
+  if [[ ! -f "$image_side" ]]; then
     # xl starts from a pretrained CLIP ViT; the tiny preset's stand-in is pretrained here, on fresh synthetic scenes
-    echo "[train.sh] pretraining the tiny image side (ViT + connector) -> $out/image_side.pt"
-    "$PY" scripts/pretrain_image_side.py --out "$out/image_side.pt"
+    echo "[train.sh] pretraining the tiny image side (ViT + connector) -> $image_side"
+    "$PY" scripts/pretrain_image_side.py --out "$image_side"
   fi
   # kosmos2 looks for the tokenizer next to the checkpoint (kosmos2.tokenizer.find_tokenizer_files)
   cp "$data/tokenizer/sentencepiece.bpe.model" "$data/tokenizer/dict.txt" "$out/"
   echo "[train.sh] training unigptmodel_tiny on CPU -> $out (re-running resumes from $out/checkpoint_last.pt)"
   # shellcheck disable=SC2046  # the recipe prints one flag per word
-  launch $(bash configs/train/tiny_cpu.sh "$data" "$out")
+  launch $(bash configs/train/tiny_cpu.sh "$data" "$out" "$image_side")
   echo "[train.sh] setup + data + training took $(( SECONDS - start )) s; evaluating"
   "$PY" -m evaluation.synthetic --checkpoint "$out/checkpoint_last.pt" --data-dir "$data/eval" --quiet
 }
