@@ -113,12 +113,8 @@ class UniGPTModel(Kosmos2Model, BaseFairseqModel):
         return model
 
     def forward(self, src_tokens, img_src_tokens=None, img_gpt_input_mask=None, logits_mask=None, **kwargs):
-        """With `logits_mask` [B,T] bool: logits only at the marked positions, [N,V]. The loss needs nothing else,
-        and in a GRIT batch most positions are image slots (64 of ~100), so this skips most of the vocab projection."""
-        if logits_mask is None:
-            return super().forward(src_tokens, img_src_tokens, img_gpt_input_mask, **kwargs)
-        hidden = super().forward(src_tokens, img_src_tokens, img_gpt_input_mask, return_hidden=True, **kwargs)
-        return self.decoder.output_projection(hidden[logits_mask])
+        """With `logits_mask` [B,T] bool: logits only at the marked positions, [N,V] (see Kosmos2Model.forward)."""
+        return super().forward(src_tokens, img_src_tokens, img_gpt_input_mask, logits_mask=logits_mask, **kwargs)
 
     def max_positions(self):
         return self.cfg.max_target_positions

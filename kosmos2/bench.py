@@ -464,7 +464,9 @@ def decode_floor(model: nn.Module, limits: dict, batch: int, step_ms: float | No
 
 def training_batch(cfg: Kosmos2Config, batch: int, seq_len: int, device, dtype, seed: int):
     """A GRIT-like sequence per row: [<s>, <image>, slots holding the <image> id (spec §5.6), </image>, random
-    text], `seq_len` tokens in all, plus one random image per row."""
+    text], `seq_len` tokens in all, plus one random image per row. Returns (ids, image-slot mask, pixels, loss mask):
+    the loss mask marks the positions whose next token is learned, i.e. from `</image>` to the second-last position
+    (spec §5.6: the caption tokens, nothing for <s>, <image>, the slots or `</image>`)."""
     g = torch.Generator().manual_seed(seed)
     tags, q = tag_ids(cfg.vocab_size), cfg.latent_query_num
     head = [0, tags["boi"], *[tags["boi"]] * q, tags["eoi"]]
@@ -474,29 +476,44 @@ def training_batch(cfg: Kosmos2Config, batch: int, seq_len: int, device, dtype, 
     ids = torch.cat([torch.tensor(head).expand(batch, -1), text], dim=1)
     mask = torch.zeros_like(ids, dtype=torch.bool)
     mask[:, 2:2 + q] = True
+    loss_mask = torch.zeros_like(ids, dtype=torch.bool)
+    loss_mask[:, len(head) - 1:-1] = True
     pixels = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g)
-    return ids.to(device), mask.to(device), pixels.to(device, dtype)
+    return ids.to(device), mask.to(device), pixels.to(device, dtype), loss_mask.to(device)
 
 
-def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Plain cross-entropy of every next token (the same function for both implementations)."""
-    return nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+def adamw(params, lr: float) -> torch.optim.Optimizer:
+    """The same optimizer for both implementations: PyTorch's fused AdamW (one kernel for all parameters, on CPU
+    and CUDA), which is transformers' Trainer default with torch >= 2.8 and what our `--optimizer torch_adamw` uses;
+    the multi-tensor version where a device has no fused kernel."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, foreach=True)
+
+
+def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
+    mode = "fused" if optimizer.defaults.get("fused") else "foreach" if optimizer.defaults.get("foreach") else "for-loop"
+    return f"{type(optimizer).__name__} ({mode})"
 
 
 class Trainer:
-    """One implementation's forward + loss + backward + AdamW step on a fixed batch."""
+    """One implementation's forward + loss + backward + AdamW step on a fixed batch. `loss_fn` runs the forward and
+    returns the loss the way that implementation trains."""
 
-    def __init__(self, model: nn.Module, forward, lr: float = 1e-4):
-        self.model, self.forward = model.train(), forward
+    def __init__(self, model: nn.Module, loss_fn, lr: float = 1e-4):
+        self.model, self.loss_fn = model.train(), loss_fn
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr)
+        self.optimizer = adamw(self.params, lr)
+        self.losses: list[float] = []
 
     def step(self) -> float:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = next_token_loss(self.forward(), self.batch_ids)
+        loss = self.loss_fn()
         loss.backward()
         self.optimizer.step()
-        return loss.item()
+        self.losses.append(loss.item())
+        return self.losses[-1]
 
     def timed_steps(self, n: int, device) -> list[float]:
         times = []
@@ -508,21 +525,28 @@ class Trainer:
         return times
 
 
-def ours_trainer(model, ids, mask, pixels) -> Trainer:
-    trainer = Trainer(model, lambda: model(ids, img_src_tokens=pixels, img_gpt_input_mask=mask))
-    trainer.batch_ids = ids
-    return trainer
+def ours_trainer(model, ids, mask, pixels, loss_mask) -> Trainer:
+    """Our training path (fairseq_plugins/criterion.py): logits only where the loss needs them, fp32 cross-entropy."""
+    targets = ids[:, 1:][loss_mask[:, :-1]]
+
+    def loss_fn():
+        logits = model(ids, img_src_tokens=pixels, img_gpt_input_mask=mask, logits_mask=loss_mask)
+        return nn.functional.cross_entropy(logits.float(), targets)
+
+    return Trainer(model, loss_fn)
 
 
-def transformers_trainer(theirs, ids, mask, pixels) -> Trainer:
-    """The same trainable set as ours: the vision tower frozen (the official recipe), the rest trained."""
+def transformers_trainer(theirs, ids, mask, pixels, loss_mask) -> Trainer:
+    """transformers' training path: `labels` with -100 where nothing is learned (the model shifts them itself and
+    returns the mean cross-entropy). The same trainable set as ours: the vision tower frozen (the official recipe)."""
     for p in theirs.vision_model.parameters():
         p.requires_grad_(False)
     attention = torch.ones_like(ids)
-    trainer = Trainer(theirs, lambda: theirs(input_ids=ids, pixel_values=pixels, attention_mask=attention,
-                                             image_embeds_position_mask=mask.long(), use_cache=False).logits)
-    trainer.batch_ids = ids
-    return trainer
+    learned = torch.zeros_like(loss_mask)
+    learned[:, 1:] = loss_mask[:, :-1]  # label t is predicted at position t - 1
+    labels = ids.masked_fill(~learned, -100)
+    return Trainer(theirs, lambda: theirs(input_ids=ids, pixel_values=pixels, attention_mask=attention,
+                                          image_embeds_position_mask=mask.long(), labels=labels, use_cache=False).loss)
 
 
 def gpu_peak_flops(device: torch.device, dtype_name: str) -> float | None:
@@ -550,19 +574,19 @@ def train_summary(trainer: Trainer, times: list[float], tokens: int, peak_mb: fl
 def bench_train(args) -> dict:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     cfg = load_preset(args.preset)
-    ids, mask, pixels = training_batch(cfg, args.batch_size, args.seq_len, device, dtype, args.seed)
+    ids, mask, pixels, loss_mask = training_batch(cfg, args.batch_size, args.seq_len, device, dtype, args.seed)
     memory = MemoryLedger()
     with memory.loading("ours"):
         ours = build_random_model(cfg, dtype, device, args.seed)
         folder = save_hf_copy(ours, cfg) if args.compare_transformers else None
-        trainers = {"ours": ours_trainer(ours, ids, mask, pixels)}
+        trainers = {"ours": ours_trainer(ours, ids, mask, pixels, loss_mask)}
         trainers["ours"].timed_steps(1, device)  # warm-up; allocates the optimizer state
     with memory.running("ours"):
         trainers["ours"].timed_steps(1, device)
     if folder is not None:
         with memory.loading("transformers"):
             theirs = load_transformers(folder.name, dtype, device)
-            trainers["transformers"] = transformers_trainer(theirs, ids, mask, pixels)
+            trainers["transformers"] = transformers_trainer(theirs, ids, mask, pixels, loss_mask)
             trainers["transformers"].timed_steps(1, device)
         folder.cleanup()
         with memory.running("transformers"):
@@ -571,7 +595,9 @@ def bench_train(args) -> dict:
                        args.repeats)
     tokens = ids.numel()
     result = {"bench": "train", "preset": args.preset, "dtype": args.dtype, "batch_size": args.batch_size,
-              "seq_len": args.seq_len, "steps": args.steps, "repeats": args.repeats}
+              "seq_len": args.seq_len, "steps": args.steps, "repeats": args.repeats,
+              "loss": "cross-entropy of the caption tokens (spec 5.6), each implementation's own training path",
+              "learned_tokens": int(loss_mask.sum()), "optimizer": optimizer_name(trainers["ours"].optimizer)}
     result.update(train_summary(trainers["ours"], sum(runs["ours"], []), tokens, memory.peak_mb("ours"),
                                 device, args.dtype))
     if "transformers" in runs:
@@ -580,6 +606,10 @@ def bench_train(args) -> dict:
         result["transformers"] = hf
         result["tokens_s_speedup"] = round(result["tokens_s"] / hf["tokens_s"], 3)
         result["same_trainable_params"] = result["trainable_params"] == hf["trainable_params"]
+        # the first step of each starts from the same weights: the losses must agree (else the comparison is void)
+        first = trainers["ours"].losses[0], trainers["transformers"].losses[0]
+        result["first_loss"], hf["first_loss"] = round(first[0], 6), round(first[1], 6)
+        result["same_first_loss"] = math.isclose(*first, rel_tol=1e-4 if dtype == torch.float32 else 2e-2)
     result["env"] = environment(device)
     return result
 

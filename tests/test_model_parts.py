@@ -111,3 +111,21 @@ def test_mismatched_image_slots_give_a_clear_error():
         model(ids, img_src_tokens=torch.randn(1, 3, 32, 32), img_gpt_input_mask=mask)
     with pytest.raises(ValueError, match="expects 32x32"):
         model(ids, img_src_tokens=torch.randn(1, 3, 30, 30), img_gpt_input_mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_gelu_on_half_precision_equals_the_official_fp32_gelu(dtype):
+    """The FFN calls F.gelu on bf16 CPU tensors directly; that must equal the official gelu(x.float()).type_as(x)
+    (one rounding after an fp32 evaluation) bit for bit, over the range activations take. (PyTorch's fp16 CPU GELU
+    does not, so fp16 keeps the explicit fp32 evaluation: the FFN must match in both dtypes.)"""
+    from kosmos2.model.decoder import FeedForward
+
+    if dtype == torch.bfloat16:
+        x = (torch.randn(1 << 16, generator=torch.Generator().manual_seed(0)) * 6).to(dtype)
+        assert torch.equal(torch.nn.functional.gelu(x), torch.nn.functional.gelu(x.float()).type_as(x))
+    cfg = small_config()
+    ffn = FeedForward(cfg).to(dtype).eval()
+    h = torch.randn(2, 3, cfg.decoder_embed_dim).to(dtype)
+    fc1 = ffn.fc1(h)
+    expected = ffn.fc2(ffn.ffn_layernorm(torch.nn.functional.gelu(fc1.float()).type_as(fc1)))
+    assert torch.equal(ffn(h), expected)

@@ -275,6 +275,7 @@ def test_torch_adamw_takes_the_same_steps_as_fairseq_adam():
     b = torch.nn.Linear(5, 3)
     b.load_state_dict(a.state_dict())
     opt_a, opt_b = FairseqAdam(optimizer_cfg("adam"), list(a.parameters())), TorchAdamW(optimizer_cfg("torch_adamw"), b.parameters())
+    assert opt_b.fused  # torch's fused AdamW kernel runs on CPU too (torch >= 2.4)
     for step in range(5):
         x = torch.randn(4, 5)
         for model, opt in ((a, opt_a), (b, opt_b)):

@@ -38,6 +38,7 @@ from .packed import PlainWeightStateDict, replace_linears
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "bf16_gemv.cpp"
+SOURCES = [SOURCE, SOURCE.with_name("decode_attention.cpp")]  # one extension: GEMV kernels + fused decode attention
 EXTENSION = "kosmos2_bf16_gemv"
 MAX_ROWS = 8       # the kernel keeps every row's accumulators in registers
 K_MULTIPLE = 16    # one AVX2 load = 16 bf16 values
@@ -86,7 +87,7 @@ def _compile():
         if not _already_built(cpp_extension):
             print(f"[kosmos2] compiling {SOURCE.name} for bf16 on this CPU (once, about a minute; cached in "
                   f"{cpp_extension._get_build_directory(EXTENSION, False)})", file=sys.stderr, flush=True)
-        return cpp_extension.load(name=EXTENSION, sources=[str(SOURCE)],
+        return cpp_extension.load(name=EXTENSION, sources=[str(p) for p in SOURCES],
                                   extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"],
                                   verbose=False)
     finally:

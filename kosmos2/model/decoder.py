@@ -85,7 +85,10 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
                 cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
-        q, k, v = self._split(self.q_proj(x)), self._split(self.k_proj(x)), self._split(self.v_proj(x))
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if cache is not None and (out := cache.attend_step(layer_idx, q, k, v, mask)) is not None:
+            return self.out_proj(self.inner_attn_ln(out))  # a decoding step on CPU: one fused call (kv_cache.py)
+        q, k, v = self._split(q), self._split(k), self._split(v)
         if cache is not None:
             # The cache may be wider than the weights (fp32 for a bf16 model on CPU, see KVCache.for_model): attention
             # then runs in the cache's dtype, which on CPU is many times faster than torch's bf16 SDPA kernels.
@@ -109,7 +112,11 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
-        h = F.gelu(h.float()).type_as(h)  # the official FFN evaluates GELU in fp32 (matters in fp16/bf16)
+        # The official FFN evaluates GELU in fp32 and rounds once (matters in fp16/bf16). PyTorch's CPU kernel does
+        # exactly that for bf16 input (bit-identical, tests/test_model_parts.py; not for fp16), without two conversion
+        # ops per layer.
+        cpu_bf16 = h.device.type == "cpu" and h.dtype == torch.bfloat16
+        h = F.gelu(h) if cpu_bf16 or h.dtype == torch.float32 else F.gelu(h.float()).type_as(h)
         h = self.ffn_layernorm(self.activation_dropout(h))
         return self.dropout(self.fc2(h))
 

@@ -63,14 +63,22 @@ class Kosmos2Model(nn.Module):
     def forward(self, src_tokens: torch.Tensor, img_src_tokens: torch.Tensor | None = None,
                 img_gpt_input_mask: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                only_last: bool = False, return_hidden: bool = False) -> torch.Tensor:
-        """Logits [B,T,V] (or [B,1,V] with only_last; hidden states with return_hidden)."""
+                only_last: bool = False, return_hidden: bool = False,
+                logits_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B,T,V] (or [B,1,V] with only_last; hidden states with return_hidden).
+
+        `logits_mask` [B,T] bool: logits only at the marked positions, [N,V] in row-major order of the mask. Training
+        needs nothing else: the loss covers caption tokens only (spec §5.6), and in a GRIT sequence most positions are
+        the image slots, so this skips most of the vocabulary projection, its softmax and their gradients."""
         if image_features is None and img_src_tokens is not None and img_src_tokens.numel() > 0:
             image_features = self.encode_images(img_src_tokens)
         if image_features is not None and img_gpt_input_mask is None:
             raise ValueError("Image features were given without img_gpt_input_mask: mark the image slots of src_tokens")
         mask = img_gpt_input_mask.bool() if img_gpt_input_mask is not None else None
-        return self.decoder(src_tokens, image_features, mask, positions, cache, only_last, return_hidden)
+        if logits_mask is None:
+            return self.decoder(src_tokens, image_features, mask, positions, cache, only_last, return_hidden)
+        hidden = self.decoder(src_tokens, image_features, mask, positions, cache, only_last, return_hidden=True)
+        return self.decoder.output_projection(hidden[logits_mask])
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         return KVCache.for_model(self, batch_size, capacity)

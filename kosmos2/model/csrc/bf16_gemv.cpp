@@ -276,6 +276,11 @@ torch::Tensor vnni_linear(const torch::Tensor& x_in, const torch::Tensor& packed
   return out.to(torch::kBFloat16);
 }
 
+// decode_attention.cpp
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               torch::Tensor key_cache, torch::Tensor value_cache, int64_t start,
+                               const c10::optional<torch::Tensor>& allowed);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_gemv", &bf16_gemv, "y = x @ weight.T for a bf16 weight and 1..8 rows of x, fp32 out",
         py::arg("x"), py::arg("weight"), py::arg("allow_avx512") = true);
@@ -283,5 +288,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("allow_avx512") = true);
   m.def("vnni_linear", &vnni_linear, "F.linear for bf16 x (any rows) and a weight packed by pack_vnni (AVX512-BF16)",
         py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("N"));
+  m.def("decode_attention", &decode_attention, "one decoding step of attention: append k/v to the fp32 cache at "
+        "`start` and attend with q (rows [B, H*D])", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_cache"),
+        py::arg("value_cache"), py::arg("start"), py::arg("allowed") = py::none());
   m.def("has_avx512_bf16", &cpu_has_avx512_bf16, "whether bf16 x takes the AVX512-BF16 path on this CPU");
 }
