@@ -129,3 +129,51 @@ def test_cpu_gelu_on_half_precision_equals_the_official_fp32_gelu(dtype):
     fc1 = ffn.fc1(h)
     expected = ffn.fc2(ffn.ffn_layernorm(torch.nn.functional.gelu(fc1.float()).type_as(fc1)))
     assert torch.equal(ffn(h), expected)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_logits_mask_skips_dead_work_but_equals_the_full_forward_and_backward(checkpointing):
+    """Training asks for logits only where the loss learns (after `</image>`, spec §5.6). The last decoder layer then
+    computes nothing for earlier positions (`keep_from`). Logits at the learned positions and every gradient must
+    equal those of the full forward; one row is right-padded (the mask must follow the padding)."""
+    torch.manual_seed(0)
+    cfg = small_config(dropout=0.0, attention_dropout=0.0, checkpoint_activations=checkpointing)
+    model = build_model(cfg).train()
+    model.set_image_encoder_trainable(False)
+    q, pad = cfg.latent_query_num, cfg.pad_token_id
+    tokens = torch.randint(10, 200, (2, q + 12))
+    tokens[:, 0], tokens[1, -3:] = 0, pad
+    image_mask = torch.zeros_like(tokens, dtype=torch.bool)
+    image_mask[:, 2:2 + q] = True
+    learned = torch.zeros_like(image_mask)
+    learned[:, q + 2:-1] = True
+    learned &= tokens.ne(pad)
+    pixels = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+
+    def loss_and_grads(**kwargs):
+        model.zero_grad(set_to_none=True)
+        logits = model(tokens, img_src_tokens=pixels, img_gpt_input_mask=image_mask, **kwargs)
+        logits = logits if "logits_mask" in kwargs else logits[learned]
+        loss = torch.nn.functional.cross_entropy(logits, torch.randint(0, cfg.vocab_size, (len(logits),),
+                                                                       generator=torch.Generator().manual_seed(1)))
+        loss.backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    full_logits, full_grads = loss_and_grads()
+    logits, grads = loss_and_grads(logits_mask=learned)
+    assert torch.allclose(logits, full_logits, atol=1e-5)
+    assert grads.keys() == full_grads.keys() and len(grads) > 10
+    for name in grads:
+        assert torch.allclose(grads[name], full_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_keep_from_uses_lower_right_causal_attention():
+    """The last layer's queries are the last positions: position t must see keys 0..t, not 0..t-keep_from."""
+    from kosmos2.model.decoder import lower_right_causal_mask
+
+    assert lower_right_causal_mask(2, 4, "cpu").tolist() == [[True, True, True, False], [True, True, True, True]]
+    torch.manual_seed(0)
+    model = build_model(small_config(dropout=0.0, attention_dropout=0.0)).eval()
+    tokens = torch.randint(10, 200, (1, 9))
+    with torch.no_grad():
+        assert torch.allclose(model.decoder(tokens, keep_from=5), model.decoder(tokens)[:, 5:], atol=1e-5)

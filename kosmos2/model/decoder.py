@@ -84,11 +84,18 @@ class SelfAttention(nn.Module):
         return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
-                cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+                cache: KVCache | None = None, layer_idx: int = 0, query_from: int = 0) -> torch.Tensor:
+        """`query_from` > 0: outputs only for positions query_from.. (keys/values still from every position)."""
+        q, k, v = self.q_proj(x[:, query_from:] if query_from else x), self.k_proj(x), self.v_proj(x)
         if cache is not None and (out := cache.attend_step(layer_idx, q, k, v, mask)) is not None:
             return self.out_proj(self.inner_attn_ln(out))  # a decoding step on CPU: one fused call (kv_cache.py)
         q, k, v = self._split(q), self._split(k), self._split(v)
+        if query_from:  # queries are the last positions: causal means "up to my own position", lower-right aligned
+            if mask is None and is_causal:
+                mask = lower_right_causal_mask(q.shape[2], k.shape[2], x.device)
+            elif mask is not None:
+                mask = mask[..., query_from:, :]
+            is_causal = False
         if cache is not None:
             # The cache may be wider than the weights (fp32 for a bf16 model on CPU, see KVCache.for_model): attention
             # then runs in the cache's dtype, which on CPU is many times faster than torch's bf16 SDPA kernels.
@@ -96,7 +103,7 @@ class SelfAttention(nn.Module):
             q = q.to(k.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                              dropout_p=self.dropout if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(x.shape).to(x.dtype)
+        out = out.transpose(1, 2).reshape(*x.shape[:1], q.shape[2], x.shape[2]).to(x.dtype)
         return self.out_proj(self.inner_attn_ln(out))
 
 
@@ -132,8 +139,10 @@ class DecoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(cfg.decoder_embed_dim, eps=cfg.layernorm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask=None, is_causal=False, cache=None, layer_idx=0):
-        x = x + self.dropout(self.self_attn(self.self_attn_layer_norm(x), mask, is_causal, cache, layer_idx))
+    def forward(self, x, mask=None, is_causal=False, cache=None, layer_idx=0, query_from=0):
+        """`query_from` > 0 returns only positions query_from.. (the last layer, when nothing earlier is needed)."""
+        attn = self.self_attn(self.self_attn_layer_norm(x), mask, is_causal, cache, layer_idx, query_from)
+        x = (x[:, query_from:] if query_from else x) + self.dropout(attn)
         return x + self.ffn(self.final_layer_norm(x))
 
 
@@ -152,6 +161,12 @@ def attention_mask(pad: torch.Tensor, num_new: int) -> torch.Tensor:
     allowed = (k_pos <= q_pos)[None] & ~pad[:, None, :]
     allowed |= (k_pos == q_pos)[None]
     return allowed[:, None]
+
+
+def lower_right_causal_mask(queries: int, keys: int, device) -> torch.Tensor:
+    """[queries, keys] boolean mask for queries that are the last `queries` of `keys` positions (SDPA's is_causal
+    aligns to the top left when the two differ)."""
+    return torch.ones(queries, keys, dtype=torch.bool, device=device).tril(keys - queries)
 
 
 def needs_padding_mask(pad: torch.Tensor) -> bool:
@@ -217,17 +232,24 @@ class Decoder(nn.Module):
         return self.dropout(x)
 
     def forward(self, tokens: torch.Tensor, image_features=None, image_mask=None, positions=None,
-                cache: KVCache | None = None, only_last: bool = False, return_hidden: bool = False) -> torch.Tensor:
+                cache: KVCache | None = None, only_last: bool = False, return_hidden: bool = False,
+                keep_from: int = 0) -> torch.Tensor:
+        """Logits (or hidden states) [B,T,V]; with `keep_from` > 0 only for positions keep_from.. [B,T-keep_from,V]:
+        the last layer then skips the queries, attention output, out_proj and FFN of the earlier positions (nothing
+        reads them: training batches learn nothing before `</image>`, spec §5.6)."""
         x = self.embed(tokens, image_features, image_mask, positions, cache)
         pad = tokens.eq(self.padding_idx)
         mask, is_causal = self._mask(pad, cache, tokens.shape[1])
         if cache is not None:
             cache.reserve(tokens.shape[1])
+        if keep_from and (cache is not None or only_last):
+            raise ValueError("keep_from is for full-sequence (training) forwards, not with a cache or only_last")
         for i, layer in enumerate(self.layers):
+            query_from = keep_from if i == len(self.layers) - 1 else 0
             if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(layer, x, mask, is_causal, None, i, use_reentrant=False)
+                x = checkpoint(layer, x, mask, is_causal, None, i, query_from, use_reentrant=False)
             else:
-                x = layer(x, mask, is_causal, cache, i)
+                x = layer(x, mask, is_causal, cache, i, query_from)
         if cache is not None:
             cache.advance(pad)
         if only_last:

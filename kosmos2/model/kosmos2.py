@@ -77,8 +77,12 @@ class Kosmos2Model(nn.Module):
         mask = img_gpt_input_mask.bool() if img_gpt_input_mask is not None else None
         if logits_mask is None:
             return self.decoder(src_tokens, image_features, mask, positions, cache, only_last, return_hidden)
-        hidden = self.decoder(src_tokens, image_features, mask, positions, cache, only_last, return_hidden=True)
-        return self.decoder.output_projection(hidden[logits_mask])
+        # the first position any row learns from: the last layer computes nothing before it
+        learned = logits_mask.any(dim=0).nonzero()
+        keep_from = int(learned[0]) if cache is None and not only_last and len(learned) else 0
+        hidden = self.decoder(src_tokens, image_features, mask, positions, cache, only_last, return_hidden=True,
+                              keep_from=keep_from)
+        return self.decoder.output_projection(hidden[logits_mask[:, keep_from:]])
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         return KVCache.for_model(self, batch_size, capacity)
