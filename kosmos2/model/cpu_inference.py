@@ -14,6 +14,10 @@ CPU has it.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
+
 import torch
 import torch.nn as nn
 
@@ -29,6 +33,13 @@ def prepare_for_cpu_inference(model: nn.Module, allow_packing: bool = True) -> s
     first = next(model.parameters(), None)
     if first is None or first.device.type != "cpu":
         return "plain"
+    path = _swap_linears(model, first, allow_packing)
+    if path in ("bf16-vnni", "onednn-packed"):
+        release_freed_memory()
+    return path
+
+
+def _swap_linears(model: nn.Module, first: torch.Tensor, allow_packing: bool) -> str:
     if allow_packing:
         if first.dtype == torch.bfloat16 and use_bf16_vnni_linears(model):
             return "bf16-vnni"
@@ -38,3 +49,15 @@ def prepare_for_cpu_inference(model: nn.Module, allow_packing: bool = True) -> s
     if use_bf16_cpu_linears(model):
         return "bf16-cpu"
     return "plain"
+
+
+def release_freed_memory() -> None:
+    """Hand the plain weights freed by packing back to the OS (glibc keeps freed heap pages otherwise: measured for xl
+    bf16, resident memory 5.3 GB after packing, 4.3 GB after this). Best effort; a no-op off glibc Linux."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # musl and other libcs have no malloc_trim
+        pass
