@@ -5,7 +5,7 @@ spec §6.1), but without apex it runs a Python loop over parameters. `torch_adam
 (`--adam-betas --adam-eps --weight-decay`) and computes the same update with `torch.optim.AdamW(fused=True)`.
 
 Precision paths:
-* fp32, `--bf16` / `--fp16` (FP16Optimizer: fp32 master weights, flattened into one tensor): supported, fused on GPU.
+* fp32, `--bf16` / `--fp16` (FP16Optimizer: fp32 master weights, flattened into one tensor): supported, fused on GPU and CPU.
 * `--memory-efficient-fp16/bf16` keeps no master weights, so the optimizer itself must hold fp32 state for 16-bit
   parameters. torch's AdamW keeps its state in the parameter dtype, so this optimizer refuses those flags; use
   `--optimizer adam` there (fairseq's Adam keeps fp32 moments), exactly as the official recipe does.
