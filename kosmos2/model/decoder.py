@@ -103,7 +103,7 @@ class SelfAttention(nn.Module):
             q = q.to(k.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                              dropout_p=self.dropout if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(*x.shape[:1], q.shape[2], x.shape[2]).to(x.dtype)
+        out = out.transpose(1, 2).reshape(x.shape[0], q.shape[2], x.shape[2]).to(x.dtype)  # [B, queries, d]
         return self.out_proj(self.inner_attn_ln(out))
 
 
