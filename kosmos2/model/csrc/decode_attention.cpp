@@ -19,11 +19,11 @@ namespace {
 template <typename T>
 inline float to_float(T v) { return static_cast<float>(v); }
 
-// One (row, head): q [D] -> out [D]; keys/values [T, D] fp32; allowed [T] (nullptr = all)
+// One (row, head): q [D] -> out [D]; keys/values [T, D] fp32; allowed [T] (nullptr = all); scratch: qf and acc [D],
+// scores [T]
 template <typename T>
 void attend_one(const T* q, const float* keys, const float* values, const bool* allowed, int64_t steps, int64_t D,
-                float scale, T* out, float* scores, float* acc) {
-  std::vector<float> qf(D);
+                float scale, T* out, float* qf, float* scores, float* acc) {
   for (int64_t d = 0; d < D; ++d) qf[d] = to_float(q[d]) * scale;
   float max_score = -std::numeric_limits<float>::infinity();
   for (int64_t t = 0; t < steps; ++t) {
@@ -67,7 +67,7 @@ void run(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   // heads are independent: one task per (row, head); grain 4 keeps small batches on few threads
   at::parallel_for(0, B * H, 4, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(steps), acc(D);
+    std::vector<float> scores(steps), acc(D), qf(D);  // per task, reused for its heads
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H;
       float* keys = kc + (b * H + h) * capacity * D;
@@ -78,7 +78,7 @@ void run(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
         values[start * D + d] = to_float(vp[src + d]);
       }
       attend_one<T>(qp + src, keys, values, allowed == nullptr ? nullptr : allowed + b * steps, steps, D, scale,
-                    yp + src, scores.data(), acc.data());
+                    yp + src, qf.data(), scores.data(), acc.data());
     }
   });
 }
