@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .bf16_cpu import load_kernel
+
 
 def default_cache_dtype(weight_dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
     """fp32 for bf16/fp16 models on CPU, else the weights' dtype.
@@ -79,9 +81,7 @@ class KVCache:
         if (q.device.type != "cpu" or q.shape[1] != 1 or q.dtype not in (torch.float32, torch.bfloat16)
                 or self.keys[layer].dtype != torch.float32 or (torch.is_grad_enabled() and q.requires_grad)):
             return None
-        from .bf16_cpu import load_kernel  # the kernels share one extension, compiled once
-
-        kernel = load_kernel()
+        kernel = load_kernel()  # the CPU kernels share one extension, compiled once
         if kernel is None:
             return None
         batch = q.shape[0]
