@@ -24,6 +24,7 @@ Calls that need gradients (training) use `F.linear` in `Bf16CpuLinear` and are r
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -38,7 +39,8 @@ from .packed import PlainWeightStateDict, replace_linears
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "bf16_gemv.cpp"
-SOURCES = [SOURCE, SOURCE.with_name("decode_attention.cpp")]  # one extension: GEMV kernels + fused decode attention
+SOURCES = [SOURCE, SOURCE.with_name("decode_attention.cpp"), SOURCE.with_name("decode_layer.cpp")]  # one extension
+HEADERS = [SOURCE.with_name("vnni_gemv.h"), SOURCE.with_name("decode_attention.h")]  # rebuild when these change
 EXTENSION = "kosmos2_bf16_gemv"
 MAX_ROWS = 8       # the kernel keeps every row's accumulators in registers
 K_MULTIPLE = 16    # one AVX2 load = 16 bf16 values
@@ -87,9 +89,11 @@ def _compile():
         if not _already_built(cpp_extension):
             print(f"[kosmos2] compiling {SOURCE.name} for bf16 on this CPU (once, about a minute; cached in "
                   f"{cpp_extension._get_build_directory(EXTENSION, False)})", file=sys.stderr, flush=True)
+        # torch versions an extension by its sources and flags only: the headers' hash in a flag rebuilds on their edits
+        headers = hashlib.sha1(b"".join(p.read_bytes() for p in HEADERS)).hexdigest()[:12]
         return cpp_extension.load(name=EXTENSION, sources=[str(p) for p in SOURCES],
-                                  extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                                  verbose=False)
+                                  extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", f"-DKOSMOS2_HEADERS={headers}"],
+                                  extra_ldflags=["-fopenmp"], verbose=False)
     finally:
         quiet.setLevel(level)
 

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import Kosmos2Config
 from .kv_cache import KVCache
+from .fused_decode import decode_layer_step
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,6 +142,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, mask=None, is_causal=False, cache=None, layer_idx=0, query_from=0):
         """`query_from` > 0 returns only positions query_from.. (the last layer, when nothing earlier is needed)."""
+        if cache is not None and (out := decode_layer_step(self, x, cache, layer_idx, mask)) is not None:
+            return out  # a decoding step of a VNNI-packed bf16 model on CPU: one fused call (fused_decode.py)
         attn = self.self_attn(self.self_attn_layer_norm(x), mask, is_causal, cache, layer_idx, query_from)
         x = (x[:, query_from:] if query_from else x) + self.dropout(attn)
         return x + self.ffn(self.final_layer_norm(x))

@@ -12,6 +12,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "vnni_gemv.h"
+
 #include <algorithm>
 #include <vector>
 
@@ -80,7 +82,6 @@ const Columns kColumns[] = {nullptr,
                             gemv_columns<7, 1, false>, gemv_columns<8, 1, false>};
 
 // ---- AVX512-BF16 path (compiled for any x86 CPU, called only where the CPU reports avx512bf16)
-#define KOSMOS2_AVX512 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
 // Output columns [n0, n1) for M bf16 rows of x, R weight rows in flight. One vdpbf16ps per 32 bf16 of a weight row
 // and x row. Batch 1 is bound by memory-level parallelism, so R is as large as the 32 zmm registers allow
@@ -124,55 +125,6 @@ const Columns512 kColumns512[] = {nullptr,
                                   gemv_columns_avx512<5, 3>, gemv_columns_avx512<6, 3>,
                                   gemv_columns_avx512<7, 3>, gemv_columns_avx512<8, 3>};
 
-// ---- AVX512-BF16 on a blocked ("VNNI") weight layout, for any number of rows
-// Layout [N/16][K/2][16][2]: 16 output columns x 2 consecutive k values per 64-byte chunk, so one column block is
-// one contiguous stream and a vdpbf16ps with a broadcast x pair updates 16 outputs at once (no horizontal sums).
-// Streams ~33 GB/s at 1..8 rows on our Zen 4 host where the row-major kernel above reaches ~31 GB/s at 1 row but
-// ~21 GB/s at 8 (each row's dot product needs its own accumulator there). Prefill rows go 8 at a time over a pair
-// of column blocks that stays in L2 (<= 2 x 16 x K x 2 bytes), so it doubles as a GEMM.
-constexpr int64_t kVnniBlock = 16;               // output columns per block
-constexpr int64_t kVnniPair = 2 * kVnniBlock;    // columns per unit of work (N is padded to this)
-
-// Two column blocks for M rows of x; U independent accumulators per output hide vdpbf16ps latency at small M.
-template <int M, int U>
-KOSMOS2_AVX512 void vnni_pair(const uint16_t* Wp, const uint16_t* x, int64_t ldx, float* y, int64_t ldy, int64_t K2) {
-  __m512 acc[M][2][U];
-  for (int m = 0; m < M; ++m)
-    for (int c = 0; c < 2; ++c)
-      for (int u = 0; u < U; ++u) acc[m][c][u] = _mm512_setzero_ps();
-  const uint16_t* w0 = Wp;
-  const uint16_t* w1 = Wp + K2 * 2 * kVnniBlock;
-  for (int64_t k2 = 0; k2 < K2; k2 += U) {
-    for (int u = 0; u < U; ++u) {
-      const __m512i a = _mm512_loadu_si512(w0 + (k2 + u) * 2 * kVnniBlock);
-      const __m512i b = _mm512_loadu_si512(w1 + (k2 + u) * 2 * kVnniBlock);
-      for (int m = 0; m < M; ++m) {
-        const __m512i xv = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x + m * ldx + 2 * (k2 + u)));
-        acc[m][0][u] = _mm512_dpbf16_ps(acc[m][0][u], (__m512bh)xv, (__m512bh)a);
-        acc[m][1][u] = _mm512_dpbf16_ps(acc[m][1][u], (__m512bh)xv, (__m512bh)b);
-      }
-    }
-  }
-  for (int m = 0; m < M; ++m)
-    for (int c = 0; c < 2; ++c) {
-      __m512 sum = acc[m][c][0];
-      for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[m][c][u]);
-      _mm512_storeu_ps(y + m * ldy + c * kVnniBlock, sum);
-    }
-}
-
-using VnniPair = void (*)(const uint16_t*, const uint16_t*, int64_t, float*, int64_t, int64_t);
-// K/2 is a multiple of 8 (K % 16 == 0), so every U below divides it
-const VnniPair kVnniPairs[] = {nullptr, vnni_pair<1, 4>, vnni_pair<2, 2>, vnni_pair<3, 2>, vnni_pair<4, 2>,
-                               vnni_pair<5, 1>, vnni_pair<6, 1>, vnni_pair<7, 1>, vnni_pair<8, 1>};
-
-bool cpu_has_avx512_bf16() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
-  }();
-  return has;
-}
 
 // x rows (bf16 or fp32) -> fp32, shuffled per chunk of 16 to the unpack's lane order (thread-local scratch)
 const float* shuffled_rows(const torch::Tensor& x, int64_t M, int64_t K) {
@@ -192,6 +144,14 @@ const float* shuffled_rows(const torch::Tensor& x, int64_t M, int64_t K) {
 }
 
 }  // namespace
+
+bool cpu_has_avx512_bf16() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+  }();
+  return has;
+}
 
 // y [M, N] fp32 = x @ weight.T (+ bias); the checks name what was wrong
 torch::Tensor gemv_fp32(const torch::Tensor& x_in, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
@@ -249,14 +209,14 @@ torch::Tensor vnni_linear(const torch::Tensor& x_in, const torch::Tensor& packed
                           int64_t N) {
   TORCH_CHECK(cpu_has_avx512_bf16(), "vnni_linear: this CPU has no AVX512-BF16 (use bf16_linear)");
   TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == torch::kBFloat16 && packed.dim() == 4 &&
-              packed.size(2) == kVnniBlock && packed.size(3) == 2 && packed.size(0) % 2 == 0 && packed.is_contiguous(),
+              packed.size(2) == kosmos2::kVnniBlock && packed.size(3) == 2 && packed.size(0) % 2 == 0 && packed.is_contiguous(),
               "vnni_linear: packed must come from pack_vnni ([Np/16, K/2, 16, 2] bf16, Np a multiple of 32)");
-  const int64_t K = 2 * packed.size(1), Np = packed.size(0) * kVnniBlock;
+  const int64_t K = 2 * packed.size(1), Np = packed.size(0) * kosmos2::kVnniBlock;
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == torch::kBFloat16 && x_in.dim() == 2 && x_in.size(1) == K,
               "vnni_linear: x must be a 2-D bf16 CPU tensor [M, K] with K = ", K);
-  TORCH_CHECK(K % 16 == 0 && N <= Np && N > Np - kVnniPair, "vnni_linear: K must be a multiple of 16 and N match the packing");
+  TORCH_CHECK(K % 16 == 0 && N <= Np && N > Np - kosmos2::kVnniPair, "vnni_linear: K must be a multiple of 16 and N match the packing");
   const torch::Tensor x = x_in.contiguous();
-  const int64_t M = x.size(0), K2 = K / 2, pairs = Np / kVnniPair;
+  const int64_t M = x.size(0), K2 = K / 2, pairs = Np / kosmos2::kVnniPair;
   torch::Tensor bias_f;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == N, "vnni_linear: bias must have N = ", N, " values");
@@ -270,15 +230,15 @@ torch::Tensor vnni_linear(const torch::Tensor& x_in, const torch::Tensor& packed
   const auto* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   auto* o = out.data_ptr<at::BFloat16>();
   at::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
-    float sums[8 * kVnniPair];
+    float sums[8 * kosmos2::kVnniPair];
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t n0 = p * kVnniPair, width = std::min<int64_t>(kVnniPair, N - n0);
+      const int64_t n0 = p * kosmos2::kVnniPair, width = std::min<int64_t>(kosmos2::kVnniPair, N - n0);
       for (int64_t r = 0; r < M; r += 8) {
         const int64_t rows = std::min<int64_t>(8, M - r);
-        kVnniPairs[rows](W + p * kVnniPair * K, xs + r * K, K, sums, kVnniPair, K2);
+        kosmos2::kVnniPairs[rows](W + p * kosmos2::kVnniPair * K, xs + r * K, K, sums, kosmos2::kVnniPair, K2);
         for (int64_t m = 0; m < rows; ++m)
           for (int64_t c = 0; c < width; ++c)
-            o[(r + m) * N + n0 + c] = static_cast<at::BFloat16>(sums[m * kVnniPair + c] + (b ? b[n0 + c] : 0.f));
+            o[(r + m) * N + n0 + c] = static_cast<at::BFloat16>(sums[m * kosmos2::kVnniPair + c] + (b ? b[n0 + c] : 0.f));
       }
     }
   });
@@ -290,6 +250,13 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
                                torch::Tensor key_cache, torch::Tensor value_cache, int64_t start,
                                const c10::optional<torch::Tensor>& allowed);
 
+// decode_layer.cpp
+torch::Tensor decode_layer(const torch::Tensor& x, const std::vector<torch::Tensor>& norms,
+                           const std::vector<torch::Tensor>& linears,
+                           const std::vector<c10::optional<torch::Tensor>>& biases, torch::Tensor key_cache,
+                           torch::Tensor value_cache, int64_t start, const c10::optional<torch::Tensor>& allowed,
+                           const torch::Tensor& gelu_table, double eps);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_gemv", &bf16_gemv, "y = x @ weight.T for a bf16 weight and 1..8 rows of x, fp32 out",
         py::arg("x"), py::arg("weight"), py::arg("allow_avx512") = true);
@@ -300,5 +267,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "one decoding step of attention: append k/v to the fp32 cache at "
         "`start` and attend with q (rows [B, H*D])", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_cache"),
         py::arg("value_cache"), py::arg("start"), py::arg("allowed") = py::none());
+  m.def("decode_layer", &decode_layer, "one decoding step of a whole decoder layer with VNNI-packed bf16 linears",
+        py::arg("x"), py::arg("norms"), py::arg("linears"), py::arg("biases"), py::arg("key_cache"),
+        py::arg("value_cache"), py::arg("start"), py::arg("allowed"), py::arg("gelu_table"), py::arg("eps"));
   m.def("has_avx512_bf16", &cpu_has_avx512_bf16, "whether bf16 x takes the AVX512-BF16 path on this CPU");
 }

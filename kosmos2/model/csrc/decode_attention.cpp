@@ -9,6 +9,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "decode_attention.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -53,34 +55,51 @@ void attend_one(const T* q, const float* keys, const float* values, const bool* 
   for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(acc[d] * inv);
 }
 
+}  // namespace
+
+namespace kosmos2 {
+
 template <typename T>
-void run(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& key_cache,
-         torch::Tensor& value_cache, int64_t start, const bool* allowed, torch::Tensor& y) {
-  const int64_t B = key_cache.size(0), H = key_cache.size(1), capacity = key_cache.size(2), D = key_cache.size(3);
+void decode_attention_rows(const T* q, const T* k, const T* v, int64_t ld, float* key_cache, float* value_cache,
+                           int64_t B, int64_t H, int64_t capacity, int64_t D, int64_t start, const bool* allowed, T* y,
+                           int64_t ldy) {
   const int64_t steps = start + 1;
-  const T* qp = q.data_ptr<T>();
-  const T* kp = k.data_ptr<T>();
-  const T* vp = v.data_ptr<T>();
-  float* kc = key_cache.data_ptr<float>();
-  float* vc = value_cache.data_ptr<float>();
-  T* yp = y.data_ptr<T>();
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   // heads are independent: one task per (row, head); grain 4 keeps small batches on few threads
   at::parallel_for(0, B * H, 4, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(steps), acc(D), qf(D);  // per task, reused for its heads
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H;
-      float* keys = kc + (b * H + h) * capacity * D;
-      float* values = vc + (b * H + h) * capacity * D;
-      const int64_t src = b * H * D + h * D;  // q/k/v rows are [B, H*D]
+      float* keys = key_cache + (b * H + h) * capacity * D;
+      float* values = value_cache + (b * H + h) * capacity * D;
+      const int64_t src = b * ld + h * D;
       for (int64_t d = 0; d < D; ++d) {
-        keys[start * D + d] = to_float(kp[src + d]);
-        values[start * D + d] = to_float(vp[src + d]);
+        keys[start * D + d] = to_float(k[src + d]);
+        values[start * D + d] = to_float(v[src + d]);
       }
-      attend_one<T>(qp + src, keys, values, allowed == nullptr ? nullptr : allowed + b * steps, steps, D, scale,
-                    yp + src, qf.data(), scores.data(), acc.data());
+      attend_one<T>(q + src, keys, values, allowed == nullptr ? nullptr : allowed + b * steps, steps, D, scale,
+                    y + b * ldy + h * D, qf.data(), scores.data(), acc.data());
     }
   });
+}
+
+template void decode_attention_rows<float>(const float*, const float*, const float*, int64_t, float*, float*, int64_t,
+                                           int64_t, int64_t, int64_t, int64_t, const bool*, float*, int64_t);
+template void decode_attention_rows<at::BFloat16>(const at::BFloat16*, const at::BFloat16*, const at::BFloat16*,
+                                                  int64_t, float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                                  const bool*, at::BFloat16*, int64_t);
+
+}  // namespace kosmos2
+
+namespace {
+
+template <typename T>
+void run(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& key_cache,
+         torch::Tensor& value_cache, int64_t start, const bool* allowed, torch::Tensor& y) {
+  const int64_t B = key_cache.size(0), H = key_cache.size(1), capacity = key_cache.size(2), D = key_cache.size(3);
+  kosmos2::decode_attention_rows<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), H * D,
+                                    key_cache.data_ptr<float>(), value_cache.data_ptr<float>(), B, H, capacity, D,
+                                    start, allowed, y.data_ptr<T>(), H * D);
 }
 
 }  // namespace

@@ -1,0 +1,58 @@
+// Shared by the CPU kernels (bf16_gemv.cpp, decode_layer.cpp): the AVX512-BF16 GEMV on the blocked "VNNI" weight
+// layout, and the CPU feature check that guards it.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+// compiled for any x86 CPU, called only where the CPU reports avx512bf16
+#define KOSMOS2_AVX512 __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+bool cpu_has_avx512_bf16();
+
+namespace kosmos2 {
+
+// ---- AVX512-BF16 on a blocked ("VNNI") weight layout, for any number of rows
+// Layout [N/16][K/2][16][2]: 16 output columns x 2 consecutive k values per 64-byte chunk, so one column block is
+// one contiguous stream and a vdpbf16ps with a broadcast x pair updates 16 outputs at once (no horizontal sums).
+// Streams ~33 GB/s at 1..8 rows on our Zen 4 host where the row-major kernel (bf16_gemv.cpp) reaches ~31 GB/s at 1 row but
+// ~21 GB/s at 8 (each row's dot product needs its own accumulator there). Prefill rows go 8 at a time over a pair
+// of column blocks that stays in L2 (<= 2 x 16 x K x 2 bytes), so it doubles as a GEMM.
+constexpr int64_t kVnniBlock = 16;               // output columns per block
+constexpr int64_t kVnniPair = 2 * kVnniBlock;    // columns per unit of work (N is padded to this)
+
+// Two column blocks for M rows of x; U independent accumulators per output hide vdpbf16ps latency at small M.
+template <int M, int U>
+KOSMOS2_AVX512 inline void vnni_pair(const uint16_t* Wp, const uint16_t* x, int64_t ldx, float* y, int64_t ldy, int64_t K2) {
+  __m512 acc[M][2][U];
+  for (int m = 0; m < M; ++m)
+    for (int c = 0; c < 2; ++c)
+      for (int u = 0; u < U; ++u) acc[m][c][u] = _mm512_setzero_ps();
+  const uint16_t* w0 = Wp;
+  const uint16_t* w1 = Wp + K2 * 2 * kVnniBlock;
+  for (int64_t k2 = 0; k2 < K2; k2 += U) {
+    for (int u = 0; u < U; ++u) {
+      const __m512i a = _mm512_loadu_si512(w0 + (k2 + u) * 2 * kVnniBlock);
+      const __m512i b = _mm512_loadu_si512(w1 + (k2 + u) * 2 * kVnniBlock);
+      for (int m = 0; m < M; ++m) {
+        const __m512i xv = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x + m * ldx + 2 * (k2 + u)));
+        acc[m][0][u] = _mm512_dpbf16_ps(acc[m][0][u], (__m512bh)xv, (__m512bh)a);
+        acc[m][1][u] = _mm512_dpbf16_ps(acc[m][1][u], (__m512bh)xv, (__m512bh)b);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int c = 0; c < 2; ++c) {
+      __m512 sum = acc[m][c][0];
+      for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[m][c][u]);
+      _mm512_storeu_ps(y + m * ldy + c * kVnniBlock, sum);
+    }
+}
+
+using VnniPair = void (*)(const uint16_t*, const uint16_t*, int64_t, float*, int64_t, int64_t);
+// K/2 is a multiple of 8 (K % 16 == 0), so every U below divides it
+inline const VnniPair kVnniPairs[] = {nullptr, vnni_pair<1, 4>, vnni_pair<2, 2>, vnni_pair<3, 2>, vnni_pair<4, 2>,
+                               vnni_pair<5, 1>, vnni_pair<6, 1>, vnni_pair<7, 1>, vnni_pair<8, 1>};
+
+}  // namespace kosmos2
