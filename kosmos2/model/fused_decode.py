@@ -9,6 +9,7 @@ except that layer norms may round differently on rare elements (one bf16 ulp; te
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -17,17 +18,15 @@ import torch.nn.functional as F
 from .bf16_cpu import Bf16VnniLinear, load_kernel
 
 MAX_ROWS = 8  # the GEMV keeps every row's accumulators in registers
-_gelu_table: list[torch.Tensor] = []
 
 
+@functools.cache
 def gelu_table() -> torch.Tensor:
     """F.gelu of every bf16 bit pattern, indexed by the pattern: the kernel's GELU is PyTorch's, bit for bit."""
-    if not _gelu_table:
-        every_value = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-        table = torch.empty(2**16, dtype=torch.bfloat16)
-        table[every_value.view(torch.int16).to(torch.int64) % 2**16] = F.gelu(every_value)
-        _gelu_table.append(table)
-    return _gelu_table[0]
+    every_value = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    table = torch.empty(2**16, dtype=torch.bfloat16)
+    table[every_value.view(torch.int16).to(torch.int64) % 2**16] = F.gelu(every_value)
+    return table
 
 
 def enabled() -> bool:

@@ -216,31 +216,21 @@ torch::Tensor vnni_linear(const torch::Tensor& x_in, const torch::Tensor& packed
               "vnni_linear: x must be a 2-D bf16 CPU tensor [M, K] with K = ", K);
   TORCH_CHECK(K % 16 == 0 && N <= Np && N > Np - kosmos2::kVnniPair, "vnni_linear: K must be a multiple of 16 and N match the packing");
   const torch::Tensor x = x_in.contiguous();
-  const int64_t M = x.size(0), K2 = K / 2, pairs = Np / kosmos2::kVnniPair;
+  const int64_t M = x.size(0), pairs = Np / kosmos2::kVnniPair;
   torch::Tensor bias_f;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == N, "vnni_linear: bias must have N = ", N, " values");
     bias_f = bias->to(torch::kFloat32).contiguous();
   }
   const float* b = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  // fp32 sums per pair of column blocks, then the epilogue in the same task while they are in L1: + bias (fp32),
-  // one rounding to bf16, straight into the [M, N] output (no fp32 [M, Np] tensor, no separate add and cast ops)
   torch::Tensor out = torch::empty({M, N}, x.options());
   const auto* W = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
   const auto* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   auto* o = out.data_ptr<at::BFloat16>();
   at::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
-    float sums[8 * kosmos2::kVnniPair];
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t n0 = p * kosmos2::kVnniPair, width = std::min<int64_t>(kosmos2::kVnniPair, N - n0);
-      for (int64_t r = 0; r < M; r += 8) {
-        const int64_t rows = std::min<int64_t>(8, M - r);
-        kosmos2::kVnniPairs[rows](W + p * kosmos2::kVnniPair * K, xs + r * K, K, sums, kosmos2::kVnniPair, K2);
-        for (int64_t m = 0; m < rows; ++m)
-          for (int64_t c = 0; c < width; ++c)
-            o[(r + m) * N + n0 + c] = static_cast<at::BFloat16>(sums[m * kosmos2::kVnniPair + c] + (b ? b[n0 + c] : 0.f));
-      }
-    }
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t r = 0; r < M; r += 8)  // prefill rows 8 at a time over a pair of column blocks that stays in L2
+        kosmos2::vnni_pair_linear(W, p, xs + r * K, std::min<int64_t>(8, M - r), K, b, N, o + r * N);
   });
   return out;
 }

@@ -54,29 +54,16 @@ PackedLinear packed_linear(const torch::Tensor& packed, const c10::optional<torc
 
 // out_j = x @ W_j^T + b_j for linears sharing the input x [M, K] (M <= 8), in one parallel region: their weights
 // stream back to back, split between threads in contiguous stretches. `gelu` (or nullptr) maps each rounded output.
-void run_linears(const bf16* x, int64_t M, const std::vector<PackedLinear>& linears,
-                 const bf16* gelu) {
+void run_linears(const bf16* x, int64_t M, const std::vector<PackedLinear>& linears, const bf16* gelu) {
   std::vector<int64_t> first(linears.size() + 1, 0);  // first pair index of each linear
   for (size_t j = 0; j < linears.size(); ++j) first[j + 1] = first[j] + linears[j].pairs;
   const auto* xs = reinterpret_cast<const uint16_t*>(x);
   at::parallel_for(0, first.back(), 1, [&](int64_t p0, int64_t p1) {
-    float sums[8 * kosmos2::kVnniPair];
     size_t j = 0;
     for (int64_t p = p0; p < p1; ++p) {
       while (p >= first[j + 1]) ++j;
       const PackedLinear& lin = linears[j];
-      const int64_t pair = p - first[j], n0 = pair * kosmos2::kVnniPair;
-      const int64_t width = std::min<int64_t>(kosmos2::kVnniPair, lin.N - n0);
-      kosmos2::kVnniPairs[M](lin.weight + pair * kosmos2::kVnniPair * lin.K, xs, lin.K, sums, kosmos2::kVnniPair,
-                             lin.K / 2);
-      for (int64_t m = 0; m < M; ++m) {
-        for (int64_t c = 0; c < width; ++c) {
-          const float b = lin.bias != nullptr ? static_cast<float>(lin.bias[n0 + c]) : 0.f;
-          bf16 v = static_cast<bf16>(sums[m * kosmos2::kVnniPair + c] + b);
-          if (gelu != nullptr) v = gelu[v.x];
-          lin.out[m * lin.N + n0 + c] = v;
-        }
-      }
+      kosmos2::vnni_pair_linear(lin.weight, p - first[j], xs, M, lin.K, lin.bias, lin.N, lin.out, gelu);
     }
   });
 }

@@ -2,8 +2,10 @@
 // layout, and the CPU feature check that guards it.
 #pragma once
 
+#include <c10/util/BFloat16.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
 // compiled for any x86 CPU, called only where the CPU reports avx512bf16
@@ -54,5 +56,25 @@ using VnniPair = void (*)(const uint16_t*, const uint16_t*, int64_t, float*, int
 // K/2 is a multiple of 8 (K % 16 == 0), so every U below divides it
 inline const VnniPair kVnniPairs[] = {nullptr, vnni_pair<1, 4>, vnni_pair<2, 2>, vnni_pair<3, 2>, vnni_pair<4, 2>,
                                vnni_pair<5, 1>, vnni_pair<6, 1>, vnni_pair<7, 1>, vnni_pair<8, 1>};
+
+// Output columns [pair * 32, pair * 32 + 32) (clipped to N) of `rows` (<= 8) rows of x [rows, K] and a weight packed
+// by pack_vnni: out[m * N + n] = bf16(x_m . W_n + bias[n]), summed in fp32, the bias added in fp32, rounded once, then
+// mapped through `table` (65536 values indexed by the bf16 bit pattern, e.g. GELU) if one is given. The fp32 sums stay
+// in L1: no [M, Np] fp32 tensor, no separate add and cast ops.
+template <typename Bias>
+inline void vnni_pair_linear(const uint16_t* packed, int64_t pair, const uint16_t* x, int64_t rows, int64_t K,
+                             const Bias* bias, int64_t N, c10::BFloat16* out, const c10::BFloat16* table = nullptr) {
+  float sums[8 * kVnniPair];
+  const int64_t n0 = pair * kVnniPair, width = std::min<int64_t>(kVnniPair, N - n0);
+  kVnniPairs[rows](packed + pair * kVnniPair * K, x, K, sums, kVnniPair, K / 2);
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t c = 0; c < width; ++c) {
+      const float b = bias != nullptr ? static_cast<float>(bias[n0 + c]) : 0.f;
+      c10::BFloat16 v = static_cast<c10::BFloat16>(sums[m * kVnniPair + c] + b);
+      if (table != nullptr) v = table[v.x];
+      out[m * N + n0 + c] = v;
+    }
+  }
+}
 
 }  // namespace kosmos2
