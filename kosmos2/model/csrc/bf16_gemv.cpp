@@ -227,10 +227,9 @@ torch::Tensor vnni_linear(const torch::Tensor& x_in, const torch::Tensor& packed
   const auto* W = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
   const auto* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   auto* o = out.data_ptr<at::BFloat16>();
-  at::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
-      for (int64_t r = 0; r < M; r += 8)  // prefill rows 8 at a time over a pair of column blocks that stays in L2
-        kosmos2::vnni_pair_linear(W, p, xs + r * K, std::min<int64_t>(8, M - r), K, b, N, o + r * N);
+  kosmos2::parallel_chunks(pairs, [&](int64_t p) {
+    for (int64_t r = 0; r < M; r += 8)  // prefill rows 8 at a time over a pair of column blocks that stays in L2
+      kosmos2::vnni_pair_linear(W, p, xs + r * K, std::min<int64_t>(8, M - r), K, b, N, o + r * N);
   });
   return out;
 }

@@ -53,18 +53,16 @@ PackedLinear packed_linear(const torch::Tensor& packed, const c10::optional<torc
 }
 
 // out_j = x @ W_j^T + b_j for linears sharing the input x [M, K] (M <= 8), in one parallel region: their weights
-// stream back to back, split between threads in contiguous stretches. `gelu` (or nullptr) maps each rounded output.
+// stream back to back. `gelu` (or nullptr) maps each rounded output.
 void run_linears(const bf16* x, int64_t M, const std::vector<PackedLinear>& linears, const bf16* gelu) {
   std::vector<int64_t> first(linears.size() + 1, 0);  // first pair index of each linear
   for (size_t j = 0; j < linears.size(); ++j) first[j + 1] = first[j] + linears[j].pairs;
   const auto* xs = reinterpret_cast<const uint16_t*>(x);
-  at::parallel_for(0, first.back(), 1, [&](int64_t p0, int64_t p1) {
+  kosmos2::parallel_chunks(first.back(), [&](int64_t p) {
     size_t j = 0;
-    for (int64_t p = p0; p < p1; ++p) {
-      while (p >= first[j + 1]) ++j;
-      const PackedLinear& lin = linears[j];
-      kosmos2::vnni_pair_linear(lin.weight, p - first[j], xs, M, lin.K, lin.bias, lin.N, lin.out, gelu);
-    }
+    while (p >= first[j + 1]) ++j;
+    const PackedLinear& lin = linears[j];
+    kosmos2::vnni_pair_linear(lin.weight, p - first[j], xs, M, lin.K, lin.bias, lin.N, lin.out, gelu);
   });
 }
 
