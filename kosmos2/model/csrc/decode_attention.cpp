@@ -89,6 +89,24 @@ template void decode_attention_rows<at::BFloat16>(const at::BFloat16*, const at:
                                                   int64_t, float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t,
                                                   const bool*, at::BFloat16*, int64_t);
 
+void check_caches(const torch::Tensor& key_cache, const torch::Tensor& value_cache, int64_t start, const char* who) {
+  TORCH_CHECK(key_cache.device().is_cpu() && key_cache.scalar_type() == torch::kFloat32 && key_cache.dim() == 4 &&
+              key_cache.is_contiguous() && value_cache.sizes() == key_cache.sizes() &&
+              value_cache.scalar_type() == torch::kFloat32 && value_cache.is_contiguous(),
+              who, ": the caches must be contiguous fp32 CPU tensors [B, H, capacity, D] of equal shape");
+  TORCH_CHECK(start >= 0 && start < key_cache.size(2), who, ": position ", start, " is outside the cache (capacity ",
+              key_cache.size(2), ")");
+}
+
+const bool* checked_allowed(const c10::optional<torch::Tensor>& allowed, int64_t B, int64_t start, torch::Tensor& keep,
+                            const char* who) {
+  if (!allowed.has_value() || !allowed->defined()) return nullptr;
+  keep = allowed->contiguous();
+  TORCH_CHECK(keep.scalar_type() == torch::kBool && keep.dim() == 2 && keep.size(0) == B && keep.size(1) == start + 1,
+              who, ": allowed must be bool [B, start + 1]");
+  return keep.data_ptr<bool>();
+}
+
 }  // namespace kosmos2
 
 namespace {
@@ -109,26 +127,15 @@ void run(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                torch::Tensor key_cache, torch::Tensor value_cache, int64_t start,
                                const c10::optional<torch::Tensor>& allowed) {
-  TORCH_CHECK(key_cache.device().is_cpu() && key_cache.scalar_type() == torch::kFloat32 && key_cache.dim() == 4 &&
-              key_cache.is_contiguous() && value_cache.sizes() == key_cache.sizes() &&
-              value_cache.scalar_type() == torch::kFloat32 && value_cache.is_contiguous(),
-              "decode_attention: the caches must be contiguous fp32 CPU tensors [B, H, capacity, D] of equal shape");
-  const int64_t B = key_cache.size(0), H = key_cache.size(1), capacity = key_cache.size(2), D = key_cache.size(3);
-  TORCH_CHECK(start >= 0 && start < capacity, "decode_attention: position ", start, " is outside the cache (capacity ",
-              capacity, ")");
+  kosmos2::check_caches(key_cache, value_cache, start, "decode_attention");
+  const int64_t B = key_cache.size(0), H = key_cache.size(1), D = key_cache.size(3);
   for (const auto* t : {&q, &k, &v}) {
     TORCH_CHECK(t->device().is_cpu() && t->dim() == 2 && t->size(0) == B && t->size(1) == H * D && t->is_contiguous() &&
                 t->scalar_type() == q.scalar_type(),
                 "decode_attention: q, k, v must be contiguous [B, H*D] CPU tensors of one dtype");
   }
-  const bool* allowed_ptr = nullptr;
   torch::Tensor allowed_c;
-  if (allowed.has_value() && allowed->defined()) {
-    allowed_c = allowed->contiguous();
-    TORCH_CHECK(allowed_c.scalar_type() == torch::kBool && allowed_c.dim() == 2 && allowed_c.size(0) == B &&
-                allowed_c.size(1) == start + 1, "decode_attention: allowed must be bool [B, start + 1]");
-    allowed_ptr = allowed_c.data_ptr<bool>();
-  }
+  const bool* allowed_ptr = kosmos2::checked_allowed(allowed, B, start, allowed_c, "decode_attention");
   torch::Tensor y = torch::empty_like(q);
   if (q.scalar_type() == torch::kBFloat16) {
     run<at::BFloat16>(q, k, v, key_cache, value_cache, start, allowed_ptr, y);

@@ -29,14 +29,14 @@ namespace {
 
 using bf16 = at::BFloat16;
 
-struct PackedLinear {
+struct VnniLinear {
   const uint16_t* weight;  // pack_vnni layout [Np/16, K/2, 16, 2]
   const bf16* bias;        // [N] or nullptr
   int64_t N, K, pairs;
   bf16* out;               // [M, N]
 };
 
-PackedLinear packed_linear(const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias, int64_t N,
+VnniLinear packed_linear(const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias, int64_t N,
                            int64_t K, bf16* out, const char* name) {
   TORCH_CHECK(packed.scalar_type() == torch::kBFloat16 && packed.dim() == 4 && packed.is_contiguous() &&
               packed.size(2) == kosmos2::kVnniBlock && packed.size(3) == 2 && packed.size(0) % 2 == 0 &&
@@ -54,14 +54,14 @@ PackedLinear packed_linear(const torch::Tensor& packed, const c10::optional<torc
 
 // out_j = x @ W_j^T + b_j for linears sharing the input x [M, K] (M <= 8), in one parallel region: their weights
 // stream back to back. `gelu` (or nullptr) maps each rounded output.
-void run_linears(const bf16* x, int64_t M, const std::vector<PackedLinear>& linears, const bf16* gelu) {
+void run_linears(const bf16* x, int64_t M, const std::vector<VnniLinear>& linears, const bf16* gelu) {
   std::vector<int64_t> first(linears.size() + 1, 0);  // first pair index of each linear
   for (size_t j = 0; j < linears.size(); ++j) first[j + 1] = first[j] + linears[j].pairs;
   const auto* xs = reinterpret_cast<const uint16_t*>(x);
   kosmos2::parallel_chunks(first.back(), [&](int64_t p) {
     size_t j = 0;
     while (p >= first[j + 1]) ++j;
-    const PackedLinear& lin = linears[j];
+    const VnniLinear& lin = linears[j];
     kosmos2::vnni_pair_linear(lin.weight, p - first[j], xs, M, lin.K, lin.bias, lin.N, lin.out, gelu);
   });
 }
@@ -114,26 +114,16 @@ torch::Tensor decode_layer(const torch::Tensor& x_in, const std::vector<torch::T
               x_in.size(0) >= 1 && x_in.size(0) <= 8, "decode_layer: x must be a [B, d] bf16 CPU tensor, B <= 8");
   TORCH_CHECK(norms.size() == 8 && linears.size() == 6 && biases.size() == 6,
               "decode_layer: expected 8 layer-norm tensors, 6 packed weights and 6 biases");
-  TORCH_CHECK(key_cache.scalar_type() == torch::kFloat32 && key_cache.dim() == 4 && key_cache.is_contiguous() &&
-              value_cache.sizes() == key_cache.sizes() && value_cache.scalar_type() == torch::kFloat32 &&
-              value_cache.is_contiguous(), "decode_layer: the caches must be contiguous fp32 [B, H, capacity, D]");
+  kosmos2::check_caches(key_cache, value_cache, start, "decode_layer");
   TORCH_CHECK(gelu_table.scalar_type() == torch::kBFloat16 && gelu_table.numel() == 65536 &&
               gelu_table.is_contiguous(), "decode_layer: gelu_table must hold F.gelu of all 65536 bf16 values");
   const torch::Tensor x = x_in.contiguous();
   const int64_t B = x.size(0), d = x.size(1), H = key_cache.size(1), capacity = key_cache.size(2),
                 D = key_cache.size(3);
   TORCH_CHECK(key_cache.size(0) == B && H * D == d, "decode_layer: caches [", B, ", H, capacity, D] with H * D = ", d);
-  TORCH_CHECK(start >= 0 && start < capacity, "decode_layer: position ", start, " is outside the cache (capacity ",
-              capacity, ")");
   const int64_t f = 2 * linears[5].size(1);  // fc2's input width
-  const bool* allowed_ptr = nullptr;
   torch::Tensor allowed_c;
-  if (allowed.has_value() && allowed->defined()) {
-    allowed_c = allowed->contiguous();
-    TORCH_CHECK(allowed_c.scalar_type() == torch::kBool && allowed_c.dim() == 2 && allowed_c.size(0) == B &&
-                allowed_c.size(1) == start + 1, "decode_layer: allowed must be bool [B, start + 1]");
-    allowed_ptr = allowed_c.data_ptr<bool>();
-  }
+  const bool* allowed_ptr = kosmos2::checked_allowed(allowed, B, start, allowed_c, "decode_layer");
   const float epsf = static_cast<float>(eps);
   const char* norm_names[] = {"self_attn_layer_norm.weight", "self_attn_layer_norm.bias", "inner_attn_ln.weight",
                               "inner_attn_ln.bias", "final_layer_norm.weight", "final_layer_norm.bias",
