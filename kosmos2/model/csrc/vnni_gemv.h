@@ -82,7 +82,7 @@ inline void vnni_pair_linear(const uint16_t* packed, int64_t pair, const uint16_
 // fn(p) for every p in [0, total), on all threads, which take chunks of consecutive p from a shared counter instead of
 // a fixed half each: on a shared VM one core is often slowed for a while, and with a static split the other then
 // waits at the end of every region (a decode step has ~100). Eight chunks per thread measured best on a 2-core Zen 4:
-// xl bf16 decode steps 4-10 % faster than with at::parallel_for's static split, in per-step A/B runs.
+// xl bf16 decode steps 4-8 % faster than with at::parallel_for's static split, in per-step A/B runs.
 template <typename Fn>
 void parallel_chunks(int64_t total, const Fn& fn) {
   const int64_t threads = at::get_num_threads();
