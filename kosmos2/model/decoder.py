@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..config import Kosmos2Config
-from .kv_cache import KVCache
 from .fused_decode import decode_layer_step
+from .kv_cache import KVCache
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -15,10 +15,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .bf16_cpu import Bf16VnniLinear, load_kernel
-
-MAX_ROWS = 8  # the GEMV keeps every row's accumulators in registers
-
+from .bf16_cpu import MAX_ROWS, Bf16VnniLinear, load_kernel
 
 @functools.cache
 def gelu_table() -> torch.Tensor:
@@ -33,10 +30,15 @@ def enabled() -> bool:
     return os.environ.get("KOSMOS2_FUSED_DECODE", "1") != "0"
 
 
-def _fusable(layer, x: torch.Tensor) -> bool:
+def _parts(layer) -> tuple[tuple, tuple]:
+    """The layer's six linears and four layer norms, in the order the kernel takes them."""
     attn, ffn = layer.self_attn, layer.ffn
-    linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, ffn.fc1, ffn.fc2)
-    norms = (layer.self_attn_layer_norm, attn.inner_attn_ln, layer.final_layer_norm, ffn.ffn_layernorm)
+    return ((attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, ffn.fc1, ffn.fc2),
+            (layer.self_attn_layer_norm, attn.inner_attn_ln, layer.final_layer_norm, ffn.ffn_layernorm))
+
+
+def _fusable(layer, x: torch.Tensor, linears: tuple, norms: tuple) -> bool:
+    attn, ffn = layer.self_attn, layer.ffn
     return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.shape[1] == 1 and x.shape[0] <= MAX_ROWS
             and not (torch.is_grad_enabled() and x.requires_grad)
             and all(type(lin) is Bf16VnniLinear for lin in linears)
@@ -48,18 +50,16 @@ def _fusable(layer, x: torch.Tensor) -> bool:
 def decode_layer_step(layer, x: torch.Tensor, cache, layer_idx: int, mask: torch.Tensor | None) -> torch.Tensor | None:
     """`layer`'s output for one new token per row (x [B, 1, d]), writing its key/value into `cache`; None where the
     fused call does not apply (then the caller runs the layer op by op)."""
-    if not _fusable(layer, x) or cache.keys[layer_idx].dtype != torch.float32 or not enabled():
+    linears, norms = _parts(layer)
+    if not _fusable(layer, x, linears, norms) or cache.keys[layer_idx].dtype != torch.float32 or not enabled():
         return None
     kernel = load_kernel()
     if kernel is None or not kernel.has_avx512_bf16():
         return None
-    attn, ffn = layer.self_attn, layer.ffn
-    norms = [t for norm in (layer.self_attn_layer_norm, attn.inner_attn_ln, layer.final_layer_norm, ffn.ffn_layernorm)
-             for t in (norm.weight, norm.bias)]
-    linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, ffn.fc1, ffn.fc2)
     batch = x.shape[0]
     allowed = None if mask is None else mask.reshape(batch, -1)
-    out = kernel.decode_layer(x.reshape(batch, -1), norms, [lin.packed_weight for lin in linears],
-                              [lin.bias for lin in linears], cache.keys[layer_idx], cache.values[layer_idx],
-                              cache.length, allowed, gelu_table(), layer.final_layer_norm.eps)
+    out = kernel.decode_layer(x.reshape(batch, -1), [t for norm in norms for t in (norm.weight, norm.bias)],
+                              [lin.packed_weight for lin in linears], [lin.bias for lin in linears],
+                              cache.keys[layer_idx], cache.values[layer_idx], cache.length, allowed, gelu_table(),
+                              norms[0].eps)
     return out.view(x.shape)
