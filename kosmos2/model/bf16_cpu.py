@@ -39,8 +39,10 @@ from .packed import PlainWeightStateDict, replace_linears
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "bf16_gemv.cpp"
-SOURCES = [SOURCE, SOURCE.with_name("decode_attention.cpp"), SOURCE.with_name("decode_layer.cpp")]  # one extension
-HEADERS = [SOURCE.with_name("vnni_gemv.h"), SOURCE.with_name("decode_attention.h")]  # rebuild when these change
+SOURCES = [SOURCE, SOURCE.with_name("decode_attention.cpp"), SOURCE.with_name("decode_layer.cpp"),
+           SOURCE.with_name("train_attention.cpp")]  # one extension for all CPU kernels (train_attention.py uses it too)
+# the headers they include: the extension is rebuilt when these change too
+HEADERS = [SOURCE.with_name(name) for name in ("vnni_gemv.h", "decode_attention.h", "parallel_chunks.h")]
 EXTENSION = "kosmos2_bf16_gemv"
 MAX_ROWS = 8       # the kernel keeps every row's accumulators in registers
 K_MULTIPLE = 16    # one AVX2 load = 16 bf16 values
@@ -87,8 +89,8 @@ def _compile():
         from torch.utils import cpp_extension
 
         if not _already_built(cpp_extension):
-            print(f"[kosmos2] compiling {SOURCE.name} for bf16 on this CPU (once, about a minute; cached in "
-                  f"{cpp_extension._get_build_directory(EXTENSION, False)})", file=sys.stderr, flush=True)
+            print(f"[kosmos2] compiling the CPU kernels ({', '.join(p.name for p in SOURCES)}) once, about a minute; "
+                  f"cached in {cpp_extension._get_build_directory(EXTENSION, False)}", file=sys.stderr, flush=True)
         # torch versions an extension by its sources and flags only: the headers' hash in a flag rebuilds on their edits
         headers = hashlib.sha1(b"".join(p.read_bytes() for p in HEADERS)).hexdigest()[:12]
         return cpp_extension.load(name=EXTENSION, sources=[str(p) for p in SOURCES],

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import Kosmos2Config
+from .train_attention import train_attention
 
 
 class CrossAttention(nn.Module):
@@ -30,12 +31,23 @@ class CrossAttention(nn.Module):
         nn.init.xavier_uniform_(self.out_proj.weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, query: torch.Tensor, key_value: torch.Tensor) -> torch.Tensor:
-        n, q_len, d = query.shape
+    def forward(self, image_tokens: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The latent queries [Q, d] attend over [image tokens ; latents] of each image ([N, T, d]) -> [N, Q, d].
+
+        The official `x_attn(queries, cat([x, queries]))` with the queries repeated per image, except that the
+        latents' projections, which do not depend on the image, are computed once: q_proj runs on Q rows instead of
+        N*Q, k_proj and v_proj on N*T + Q instead of N*(T + Q). Autograd sums their gradients over the images."""
+        n, t, d = image_tokens.shape
         split = lambda y: y.view(n, y.shape[1], self.heads, d // self.heads).transpose(1, 2)
-        out = F.scaled_dot_product_attention(split(self.q_proj(query)), split(self.k_proj(key_value)),
-                                             split(self.v_proj(key_value)), dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(out.transpose(1, 2).reshape(n, q_len, d))
+        per_image = lambda y: y.expand(n, -1, -1)
+        q = split(per_image(self.q_proj(latents)))
+        k = split(torch.cat([self.k_proj(image_tokens), per_image(self.k_proj(latents))], dim=1))
+        v = split(torch.cat([self.v_proj(image_tokens), per_image(self.v_proj(latents))], dim=1))
+        dropout = self.dropout if self.training else 0.0
+        out = train_attention(q, k, v, causal=False) if dropout == 0 else None  # fp32 training on CPU
+        if out is None:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        return self.out_proj(out.transpose(1, 2).reshape(n, latents.shape[0], d))
 
 
 class XConnector(nn.Module):
@@ -50,5 +62,4 @@ class XConnector(nn.Module):
     def forward(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """[N, tokens, W] -> [N, latent_query_num, d]."""
         x = self.dense(image_tokens)
-        queries = self.latent_query.to(x.dtype).expand(x.shape[0], -1, -1)
-        return self.x_attn(queries, torch.cat([x, queries], dim=1))
+        return self.x_attn(x, self.latent_query.to(x.dtype))

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import Kosmos2Config
 from .fused_decode import decode_layer_step
 from .kv_cache import KVCache
+from .train_attention import train_attention
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -91,6 +92,10 @@ class SelfAttention(nn.Module):
         if cache is not None and (out := cache.attend_step(layer_idx, q, k, v, mask)) is not None:
             return self.out_proj(self.inner_attn_ln(out))  # a decoding step on CPU: one fused call (kv_cache.py)
         q, k, v = self._split(q), self._split(k), self._split(v)
+        if cache is None and mask is None and not (self.training and self.dropout > 0) and \
+                (out := train_attention(q, k, v, causal=is_causal)) is not None:
+            # fp32 training on CPU: our kernel (train_attention.py); its causal mask is already lower-right aligned
+            return self.out_proj(self.inner_attn_ln(out.transpose(1, 2).reshape(x.shape[0], q.shape[2], x.shape[2])))
         if query_from:  # queries are the last positions: causal means "up to my own position", lower-right aligned
             if mask is None and is_causal:
                 mask = lower_right_causal_mask(q.shape[2], k.shape[2], x.device)

@@ -246,6 +246,13 @@ torch::Tensor decode_layer(const torch::Tensor& x, const std::vector<torch::Tens
                            torch::Tensor value_cache, int64_t start, const c10::optional<torch::Tensor>& allowed,
                            const torch::Tensor& gelu_table, double eps);
 
+// train_attention.cpp
+std::vector<torch::Tensor> train_attention_forward(const torch::Tensor& q, const torch::Tensor& k,
+                                                   const torch::Tensor& v, bool causal);
+std::vector<torch::Tensor> train_attention_backward(const torch::Tensor& grad_out, const torch::Tensor& q,
+                                                    const torch::Tensor& k, const torch::Tensor& v,
+                                                    const torch::Tensor& out, const torch::Tensor& lse, bool causal);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_gemv", &bf16_gemv, "y = x @ weight.T for a bf16 weight and 1..8 rows of x, fp32 out",
         py::arg("x"), py::arg("weight"), py::arg("allow_avx512") = true);
@@ -259,5 +266,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_layer", &decode_layer, "one decoding step of a whole decoder layer with VNNI-packed bf16 linears",
         py::arg("x"), py::arg("norms"), py::arg("linears"), py::arg("biases"), py::arg("key_cache"),
         py::arg("value_cache"), py::arg("start"), py::arg("allowed"), py::arg("gelu_table"), py::arg("eps"));
+  m.def("train_attention_forward", &train_attention_forward, "fp32 attention for training: (out, log-sum-exp) of "
+        "q, k, v [B, H, T, D]; causal aligns the queries to the last keys", py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("causal"));
+  m.def("train_attention_backward", &train_attention_backward, "(dq, dk, dv) of train_attention_forward",
+        py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
+        py::arg("causal"));
   m.def("has_avx512_bf16", &cpu_has_avx512_bf16, "whether bf16 x takes the AVX512-BF16 path on this CPU");
 }
