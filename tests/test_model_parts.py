@@ -131,6 +131,21 @@ def test_cpu_gelu_on_half_precision_equals_the_official_fp32_gelu(dtype):
     assert torch.equal(ffn(h), expected)
 
 
+def grit_like_batch(cfg, rows: int, text: int, padded: int):
+    """A training batch shaped like GRIT: <s>, <image>, the image slots, then `text` tokens; the last row ends in
+    `padded` pads. Returns (tokens, image-slot mask, learned mask (next token is learned: after the image block, never
+    on pads), pixels)."""
+    q, pad = cfg.latent_query_num, cfg.pad_token_id
+    tokens = torch.randint(10, 200, (rows, q + text))
+    tokens[:, 0], tokens[-1, -padded:] = 0, pad
+    image_mask = torch.zeros_like(tokens, dtype=torch.bool)
+    image_mask[:, 2:2 + q] = True
+    learned = torch.zeros_like(image_mask)
+    learned[:, q + 2:-1] = True
+    learned &= tokens.ne(pad)
+    return tokens, image_mask, learned, torch.randn(rows, 3, cfg.image_size, cfg.image_size)
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_logits_mask_skips_dead_work_but_equals_the_full_forward_and_backward(checkpointing):
     """Training asks for logits only where the loss learns (after `</image>`, spec §5.6). The last decoder layer then
@@ -140,15 +155,7 @@ def test_logits_mask_skips_dead_work_but_equals_the_full_forward_and_backward(ch
     cfg = small_config(dropout=0.0, attention_dropout=0.0, checkpoint_activations=checkpointing)
     model = build_model(cfg).train()
     model.set_image_encoder_trainable(False)
-    q, pad = cfg.latent_query_num, cfg.pad_token_id
-    tokens = torch.randint(10, 200, (2, q + 12))
-    tokens[:, 0], tokens[1, -3:] = 0, pad
-    image_mask = torch.zeros_like(tokens, dtype=torch.bool)
-    image_mask[:, 2:2 + q] = True
-    learned = torch.zeros_like(image_mask)
-    learned[:, q + 2:-1] = True
-    learned &= tokens.ne(pad)
-    pixels = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    tokens, image_mask, learned, pixels = grit_like_batch(cfg, rows=2, text=12, padded=3)
 
     def loss_and_grads(**kwargs):
         model.zero_grad(set_to_none=True)

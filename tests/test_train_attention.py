@@ -11,6 +11,7 @@ from kosmos2 import build_model
 from kosmos2.model import bf16_cpu, train_attention as ta
 from kosmos2.model.connector import XConnector
 
+from test_model_parts import grit_like_batch
 from test_model_vs_transformers import small_config
 
 needs_kernel = pytest.mark.skipif(bf16_cpu.load_kernel() is None,
@@ -136,15 +137,7 @@ def test_model_training_step_equals_the_sdpa_path(monkeypatch):
     cfg = small_config(dropout=0.0, attention_dropout=0.0)
     model = build_model(cfg).train()
     model.set_image_encoder_trainable(False)
-    q, pad = cfg.latent_query_num, cfg.pad_token_id
-    tokens = torch.randint(10, 200, (3, q + 14))
-    tokens[:, 0], tokens[2, -4:] = 0, pad
-    image_mask = torch.zeros_like(tokens, dtype=torch.bool)
-    image_mask[:, 2:2 + q] = True
-    learned = torch.zeros_like(image_mask)
-    learned[:, q + 2:-1] = True
-    learned &= tokens.ne(pad)
-    pixels = torch.randn(3, 3, cfg.image_size, cfg.image_size)
+    tokens, image_mask, learned, pixels = grit_like_batch(cfg, rows=3, text=14, padded=4)
     targets = torch.randint(0, cfg.vocab_size, (int(learned.sum()),), generator=torch.Generator().manual_seed(1))
 
     def step():

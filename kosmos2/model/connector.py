@@ -37,7 +37,7 @@ class CrossAttention(nn.Module):
         The official `x_attn(queries, cat([x, queries]))` with the queries repeated per image, except that the
         latents' projections, which do not depend on the image, are computed once: q_proj runs on Q rows instead of
         N*Q, k_proj and v_proj on N*T + Q instead of N*(T + Q). Autograd sums their gradients over the images."""
-        n, t, d = image_tokens.shape
+        n, _, d = image_tokens.shape
         split = lambda y: y.view(n, y.shape[1], self.heads, d // self.heads).transpose(1, 2)
         per_image = lambda y: y.expand(n, -1, -1)
         q = split(per_image(self.q_proj(latents)))
