@@ -16,7 +16,9 @@ kernels are about streaming. Measured numbers are in docs/benchmarks.md. Two CPU
 
 The extension is compiled with `torch.utils.cpp_extension` on first use (~1 minute, then cached in
 `$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`); without a C++ compiler, on other CPUs, or with
-`KOSMOS2_CPU_KERNELS=0`, everything falls back to PyTorch (`F.linear` or oneDNN packing).
+`KOSMOS2_CPU_KERNELS=0`, everything falls back to PyTorch (`F.linear` or oneDNN packing). The same extension holds
+the fused decoding step (`fused_decode.py`) and the fp32 training attention (`train_attention.py`), which load it
+through `load_kernel()` here.
 
 `use_bf16_cpu_linears(model)` / `use_bf16_vnni_linears(model)` swap the bf16 `nn.Linear` modules in place; the swapped
 modules keep the parameter names (state dicts load and save unchanged) and the tied output projection stays tied.
