@@ -44,7 +44,8 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "bf16_gemv.cpp"
 SOURCES = [SOURCE, SOURCE.with_name("decode_attention.cpp"), SOURCE.with_name("decode_layer.cpp"),
            SOURCE.with_name("train_attention.cpp")]  # one extension for all CPU kernels (train_attention.py uses it too)
 # the headers they include: the extension is rebuilt when these change too
-HEADERS = [SOURCE.with_name(name) for name in ("vnni_gemv.h", "decode_attention.h", "parallel_chunks.h")]
+HEADERS = [SOURCE.with_name(name) for name in ("vnni_gemv.h", "decode_attention.h", "parallel_chunks.h",
+                                              "avx2_reduce.h")]
 EXTENSION = "kosmos2_bf16_gemv"
 MAX_ROWS = 8       # the kernel keeps every row's accumulators in registers
 K_MULTIPLE = 16    # one AVX2 load = 16 bf16 values

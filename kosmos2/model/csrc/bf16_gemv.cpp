@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "avx2_reduce.h"
 #include "vnni_gemv.h"
 
 #include <algorithm>
@@ -31,12 +32,7 @@ void shuffle_like_unpack(const float* x, float* out, int64_t K) {
   }
 }
 
-inline float horizontal_sum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
+using kosmos2::horizontal_sum;
 
 // Output columns [n0, n1) for M rows of x, R weight rows per pass; every weight byte is read once for all M rows.
 // The accumulators must fit the 16 ymm registers with the widened weights and x: SPLIT keeps separate accumulators
