@@ -92,13 +92,20 @@ class SelfAttention(nn.Module):
         if cache is not None and (out := cache.attend_step(layer_idx, q, k, v, mask)) is not None:
             return self.out_proj(self.inner_attn_ln(out))  # a decoding step on CPU: one fused call (kv_cache.py)
         q, k, v = self._split(q), self._split(k), self._split(v)
-        if cache is None and mask is None and not (self.training and self.dropout > 0) and \
-                (out := train_attention(q, k, v, causal=is_causal)) is not None:
+        out = None
+        if cache is None and mask is None and not (self.training and self.dropout > 0):
             # fp32 training on CPU: our kernel (train_attention.py); its causal mask is already lower-right aligned
-            return self.out_proj(self.inner_attn_ln(out.transpose(1, 2).reshape(x.shape[0], q.shape[2], x.shape[2])))
+            out = train_attention(q, k, v, causal=is_causal)
+        if out is None:
+            out = self._sdpa(q, k, v, mask, is_causal, cache, layer_idx, query_from)
+        out = out.transpose(1, 2).reshape(x.shape[0], q.shape[2], x.shape[2]).to(x.dtype)  # [B, queries, d]
+        return self.out_proj(self.inner_attn_ln(out))
+
+    def _sdpa(self, q, k, v, mask, is_causal, cache, layer_idx, query_from) -> torch.Tensor:
+        """[B, H, queries, D] by SDPA, writing k/v into `cache` first if one is given."""
         if query_from:  # queries are the last positions: causal means "up to my own position", lower-right aligned
             if mask is None and is_causal:
-                mask = lower_right_causal_mask(q.shape[2], k.shape[2], x.device)
+                mask = lower_right_causal_mask(q.shape[2], k.shape[2], q.device)
             elif mask is not None:
                 mask = mask[..., query_from:, :]
             is_causal = False
@@ -107,10 +114,8 @@ class SelfAttention(nn.Module):
             # then runs in the cache's dtype, which on CPU is many times faster than torch's bf16 SDPA kernels.
             k, v = cache.write(layer_idx, k, v)
             q = q.to(k.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                             dropout_p=self.dropout if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(x.shape[0], q.shape[2], x.shape[2]).to(x.dtype)  # [B, queries, d]
-        return self.out_proj(self.inner_attn_ln(out))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                              dropout_p=self.dropout if self.training else 0.0)
 
 
 class FeedForward(nn.Module):

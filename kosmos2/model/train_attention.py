@@ -1,8 +1,8 @@
 """Attention for fp32 training on CPU: our forward + backward kernel (`csrc/train_attention.cpp`) for short sequences.
 
 Why: SDPA runs fp32 training on CPU with PyTorch's flash-attention kernel, which on the tiny preset's shapes
-([8, 4, 128, 64], causal) took ~6 ms per layer for forward + backward on a 2-core Zen 4, about a fifth of a training
-step; the kernel here takes ~3 ms (docs/benchmarks.md). It computes the same thing in fp32 in another summation order
+([8, 4, 128, 64], causal) took ~6-7.5 ms per layer for forward + backward on a 2-core Zen 4, ~15 % of a training
+step; the kernel here takes ~2.7 ms (docs/benchmarks.md). It computes the same thing in fp32 in another summation order
 (~1e-6 relative difference, tests/test_train_attention.py).
 
 `train_attention(q, k, v, causal)` returns None whenever the kernel does not apply, and the caller uses SDPA: not on
