@@ -20,8 +20,9 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kosmos2.data.grounding_labels import GroundingSettings, grounded_spans, resized_size  # noqa: E402
+from kosmos2.data.grounding_labels import GroundingSettings, grounded_spans  # noqa: E402
 from kosmos2.data.rows import decode_image, parse_grit_row  # noqa: E402
+from kosmos2.image import training_view  # noqa: E402
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230)]
 
@@ -46,13 +47,6 @@ def load_sample(path: Path, row: int, image_path: str | None) -> tuple[Image.Ima
         raise SystemExit(f"no image for {path}: pass --image PATH (GRIT jsonl rows only hold URLs)")
     annotations = {"phrase": record.get("noun_chunks", []), "expression_v1": record.get("ref_exps", [])}
     return Image.open(image_file).convert("RGB"), record["caption"], annotations
-
-
-def centre_crop(image: Image.Image, size: int) -> Image.Image:
-    w, h = resized_size(*image.size, size)
-    resized = image.resize((w, h), Image.BICUBIC)
-    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
-    return resized.crop((left, top, left + size, top + size))
 
 
 def draw(image: Image.Image, caption: str, boxes: list[tuple[str, list[float], bool]], scale: int) -> Image.Image:
@@ -102,7 +96,7 @@ def main(argv: list[str] | None = None) -> Path:
     image, caption, annotations = load_sample(Path(args.source), args.row, args.image)
     boxes = boxes_to_draw(image, caption, annotations, args.mode, args.box_score_threshold, args.crop)
     if args.crop:
-        image = centre_crop(image, args.crop)
+        image = training_view(image, args.crop)
     scale = args.scale or max(1, 400 // max(image.size))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from PIL import Image
 
 from kosmos2.api import Kosmos2
 from kosmos2.data import synthetic
-from kosmos2.generation import DEFAULT_MAX_LEN_B, GenerationConfig, generation_budgets
+from kosmos2.decoding import DEFAULT_MAX_LEN_B, GenerationConfig, generation_budgets
 from kosmos2.image import DEFAULT_MAX_PIXELS, ImageSizeError, load_image
 from kosmos2.visualize import draw_entities, entity_colors, to_hex
 

@@ -23,9 +23,10 @@ from typing import Any, Sequence
 import torch
 
 from . import grounding
-from .generation import OFFICIAL, GenerationConfig, Generated, continuation_logprobs, generate
+from .decoding import OFFICIAL, GenerationConfig, Generated, continuation_logprobs, generate
 from .image import inference_transform, load_image
 from .model.cpu_inference import prepare_for_cpu_inference
+from .sequence_layout import image_text_layout
 from .tokenizer import Kosmos2Tokenizer, find_tokenizer_files
 
 DEFAULT_PROMPT = "<grounding>An image of"
@@ -111,7 +112,7 @@ class Kosmos2:
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.dtype = dtype or next(model.parameters()).dtype
-        self.num_image_tokens = model.cfg.latent_query_num
+        self.num_image_slots = model.cfg.latent_query_num
         self.transform = inference_transform(model.cfg.image_size)
 
     @classmethod
@@ -133,8 +134,7 @@ class Kosmos2:
 
     def prompt_ids(self, num_images: int, prompt: str | Sequence[str] | None) -> tuple[list[int], list[bool]]:
         """Token ids and image-slot mask of one prompt with `num_images` images (layout rules: module docstring)."""
-        tok, slots = self.tokenizer, list(range(4, 4 + self.num_image_tokens))
-        block_ids, block_mask = [tok.boi, *slots, tok.eoi], [False] + [True] * len(slots) + [False]
+        tok = self.tokenizer
         prompt = DEFAULT_PROMPT if prompt is None else prompt
         if isinstance(prompt, str):
             parts = prompt.split(IMAGE_PLACEHOLDER)
@@ -153,15 +153,8 @@ class Kosmos2:
             if len(texts) != num_images:
                 raise ValueError(f"a prompt given as a list needs one text per image (the text after it): got "
                                  f"{len(texts)} texts for {num_images} images")
-        ids, mask = [tok.bos], [False]
-        text_ids = tok.encode_prompt(leading)
-        ids += text_ids
-        mask += [False] * len(text_ids)
-        for text in texts:
-            text_ids = tok.encode_prompt(text)
-            ids += block_ids + text_ids
-            mask += block_mask + [False] * len(text_ids)
-        return ids, mask
+        return image_text_layout(tok.bos, tok.boi, tok.eoi, self.num_image_slots,
+                                 [tok.encode_prompt(text) for text in texts], tok.encode_prompt(leading))
 
     # ---- images
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from .config import Kosmos2Config, load_preset
+from .sequence_layout import image_text_layout
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -155,11 +156,9 @@ def tag_ids(vocab_size: int) -> dict:
 def grounding_prompt(cfg: Kosmos2Config) -> tuple[list[int], list[bool]]:
     """`<grounding>An image of` after one image: [<s>, <image>, slot ids 4.., </image>, <grounding>, text] (spec §7.3).
     The xl vocabulary gives the real ids of ▁An ▁image ▁of (712, 1648, 9); other vocabularies get 3 ordinary ids."""
-    tags, q = tag_ids(cfg.vocab_size), cfg.latent_query_num
+    tags = tag_ids(cfg.vocab_size)
     text = [712, 1648, 9] if cfg.vocab_size == 65037 else [100, 200, 9]
-    ids = [0, tags["boi"], *range(4, 4 + q), tags["eoi"], tags["grounding"], *text]
-    mask = [False, False] + [True] * q + [False, False] + [False] * len(text)
-    return ids, mask
+    return image_text_layout(0, tags["boi"], tags["eoi"], cfg.latent_query_num, [[tags["grounding"], *text]])
 
 
 class PeakRSS:
@@ -286,8 +285,8 @@ def step_timing(start: float, stamps: list[float], batch: int) -> dict:
 
 
 def run_ours(model, pixels, ids, mask, new_tokens: int, device) -> tuple[dict, list[list[int]]]:
-    """Our library's path: encode the images, then kosmos2.generation.generate (greedy, KV cache)."""
-    from .generation import generate
+    """Our library's path: encode the images, then kosmos2.decoding.generate (greedy, KV cache)."""
+    from .decoding import generate
 
     batch = pixels.shape[0]
     with torch.no_grad(), StepClock(model, device) as clock:
@@ -468,14 +467,14 @@ def training_batch(cfg: Kosmos2Config, batch: int, seq_len: int, device, dtype, 
     the loss mask marks the positions whose next token is learned, i.e. from `</image>` to the second-last position
     (spec §5.6: the caption tokens, nothing for <s>, <image>, the slots or `</image>`)."""
     g = torch.Generator().manual_seed(seed)
-    tags, q = tag_ids(cfg.vocab_size), cfg.latent_query_num
-    head = [0, tags["boi"], *[tags["boi"]] * q, tags["eoi"]]
+    tags = tag_ids(cfg.vocab_size)
+    head, head_mask = image_text_layout(0, tags["boi"], tags["eoi"], cfg.latent_query_num, [[]], slot_id=tags["boi"])
     if seq_len <= len(head):
         raise ValueError(f"--seq-len must exceed the {len(head)} tokens of the image block")
     text = torch.randint(4, tags["boi"] - 1, (batch, seq_len - len(head)), generator=g)
     ids = torch.cat([torch.tensor(head).expand(batch, -1), text], dim=1)
     mask = torch.zeros_like(ids, dtype=torch.bool)
-    mask[:, 2:2 + q] = True
+    mask[:, :len(head)] = torch.tensor(head_mask)
     loss_mask = torch.zeros_like(ids, dtype=torch.bool)
     loss_mask[:, len(head) - 1:-1] = True
     pixels = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g)

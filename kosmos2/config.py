@@ -41,7 +41,7 @@ class Kosmos2Config:
     quick_gelu: bool = True
     visual_output_dim: int = 1024
     freeze_image_encoder: bool = True
-    # connector (xconnector)
+    # connector (xconnector); its latent queries become the image *slots* of the decoder sequence, one per query
     latent_query_num: int = 64
     connector_heads: int = 32
     # from-scratch init of the <patch_index_*> rows: "normal" (official) or "sincos2d" (kosmos2/model/location_embeddings.py)
@@ -72,8 +72,9 @@ class Kosmos2Config:
         return self.decoder_embed_dim // self.decoder_attention_heads
 
     @property
-    def num_image_tokens(self) -> int:
-        """Tokens the ViT returns per image: CLS + one per patch."""
+    def num_vit_tokens(self) -> int:
+        """Tokens the ViT returns per image: CLS + one per patch (257 for xl). The connector turns them into
+        `latent_query_num` image slots (64), which is what the decoder sequence holds per image."""
         return (self.image_size // self.patch_size) ** 2 + 1
 
     @property

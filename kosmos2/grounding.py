@@ -24,7 +24,8 @@ import math
 import re
 from typing import NamedTuple, Sequence
 
-from .tokenizer import DEFAULT_LOCATION_BIN_SIZE, DELIMITER, EOI, OBJECT_END, OBJECT_START, PHRASE_END, PHRASE_START
+from .tokenizer import (DEFAULT_LOCATION_BIN_SIZE, DELIMITER, EOI, OBJECT_END, OBJECT_START, PHRASE_END, PHRASE_START,
+                        patch_index_token)
 
 Box = tuple[float, float, float, float]
 
@@ -106,10 +107,6 @@ def pixels_to_box(box: Sequence[float], image_size: tuple[int, int]) -> Box:
 
 # ---------------------------------------------------------------------------------------------------------------
 # markup
-
-def patch_index_token(i: int) -> str:
-    return f"<patch_index_{i:04d}>"
-
 
 def box_to_tokens(box: Sequence[float], num_bins: int = DEFAULT_LOCATION_BIN_SIZE, hf_rounding: bool = False) -> str:
     """Box -> '<patch_index_UL><patch_index_LR>'."""

@@ -6,8 +6,9 @@
   normalised boxes are mapped back to.
 * `inference_transform(S)`: squash-resize to S x S (bicubic, aspect ratio not kept, no crop), ToTensor, CLIP
   mean/std — the official demo/evaluation transform and HF's processor.
-* `train_transform(S)`: bicubic resize of the shorter side to S, centre crop S x S, /255, normalise — the
-  official GRIT loader (boxes must be centre-crop corrected accordingly).
+* `train_transform(S)` / `train_transform_numpy(S)` (loader workers): bicubic resize of the shorter side to S,
+  centre crop S x S, /255, normalise — the official GRIT loader. `CentreCrop` is that geometry, and the grounding
+  labels map boxes with the same object (`kosmos2.data.grounding_labels.centercrop_box`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import io
 import os
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
@@ -165,30 +167,92 @@ def _normalize(array_hwc_uint8: np.ndarray) -> torch.Tensor:
     return (x - mean) / std
 
 
+def square_view(rgb: Image.Image, image_size: int) -> Image.Image:
+    """Bicubic squash-resize to S x S (aspect ratio not kept, nothing cut): the official demo/evaluation geometry."""
+    return rgb.resize((image_size, image_size), Image.BICUBIC)
+
+
 def inference_transform(image_size: int = 224) -> Callable[[ImageInput], torch.Tensor]:
-    """Image -> float tensor [3, S, S]: bicubic squash-resize to (S, S), ToTensor, CLIP normalisation."""
+    """Image -> float tensor [3, S, S]: `square_view`, ToTensor, CLIP normalisation."""
     def transform(image: ImageInput) -> torch.Tensor:
-        rgb = load_image(image)
-        return _normalize(np.asarray(rgb.resize((image_size, image_size), Image.BICUBIC)))
+        return _normalize(np.asarray(square_view(load_image(image), image_size)))
     return transform
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# the training view: one geometry for the pixels (torch and numpy transforms) and the boxes (grounding labels)
+
 def short_side_resize_size(width: int, height: int, image_size: int) -> tuple[int, int]:
-    """torchvision Resize(S) output size: shorter side -> S, longer side int(S * long / short) (truncated)."""
+    """torchvision Resize(S) output size: shorter side -> S, longer side int(S * long / short) (truncated); a
+    shorter side already equal to S leaves the size unchanged."""
     if width <= height:
         return image_size, int(image_size * height / width)
     return int(image_size * width / height), image_size
 
 
-def train_transform(image_size: int = 224) -> Callable[[ImageInput], torch.Tensor]:
-    """Image -> float tensor [3, S, S]: bicubic resize of the shorter side to S, centre crop, CLIP normalisation
-    (official GRIT loader; torchvision's rounding of the crop offsets)."""
+@dataclass(frozen=True)
+class CentreCrop:
+    """Where the training view of a `width` x `height` image comes from: the official GRIT loader's torchvision
+    `Resize(S)` (shorter side -> S, bicubic) then `CenterCrop(S)`.
+
+    `offset` is the crop's exact top-left corner in the resized image, half the excess: the official box correction
+    subtracts it from box coordinates. The pixels are cut at `pixel_offset`, torchvision's `int(round(.))` of it, so
+    for an odd excess boxes and pixels disagree by half a pixel, as in the official code (kept: the labels of the
+    released model were made that way)."""
+    width: int
+    height: int
+    size: int
+
+    @property
+    def resized(self) -> tuple[int, int]:
+        return short_side_resize_size(self.width, self.height, self.size)
+
+    @property
+    def offset(self) -> tuple[float, float]:
+        resized_w, resized_h = self.resized
+        return (resized_w - self.size) / 2.0, (resized_h - self.size) / 2.0
+
+    @property
+    def pixel_offset(self) -> tuple[int, int]:
+        left, top = self.offset
+        return int(round(left)), int(round(top))
+
+    def view(self, rgb: Image.Image) -> Image.Image:
+        """The S x S training view of `rgb` (which must be `width` x `height`)."""
+        if rgb.size != (self.width, self.height):
+            raise ValueError(f"CentreCrop of a {self.width}x{self.height} image applied to a {rgb.size[0]}x{rgb.size[1]} one")
+        resized = rgb.resize(self.resized, Image.BICUBIC) if self.resized != rgb.size else rgb
+        left, top = self.pixel_offset
+        return resized.crop((left, top, left + self.size, top + self.size))
+
+
+def training_view(rgb: Image.Image, image_size: int, only_resize: bool = False) -> Image.Image:
+    """The pixels training sees: `CentreCrop`, or with --training-image-only-resize the `square_view` of inference."""
+    if only_resize:
+        return square_view(rgb, image_size)
+    return CentreCrop(rgb.width, rgb.height, image_size).view(rgb)
+
+
+def train_transform(image_size: int = 224, only_resize: bool = False) -> Callable[[ImageInput], torch.Tensor]:
+    """Image -> float tensor [3, S, S]: `training_view` (official GRIT loader: bicubic resize of the shorter side to
+    S, centre crop), CLIP normalisation."""
     def transform(image: ImageInput) -> torch.Tensor:
-        rgb = load_image(image)
-        w, h = short_side_resize_size(*rgb.size, image_size)
-        resized = rgb.resize((w, h), Image.BICUBIC) if (w, h) != rgb.size else rgb
-        left, top = int(round((w - image_size) / 2.0)), int(round((h - image_size) / 2.0))
-        return _normalize(np.asarray(resized.crop((left, top, left + image_size, top + image_size))))
+        return _normalize(np.asarray(training_view(load_image(image), image_size, only_resize)))
+    return transform
+
+
+def train_transform_numpy(image_size: int = 224, only_resize: bool = False) -> Callable[[ImageInput], np.ndarray]:
+    """`train_transform` in numpy: float32 [3, S, S], bit-identical (tested). The data loader's prefetch workers
+    are forked, and touching torch there after the parent has used its OpenMP pool deadlocks (observed: a warm
+    parent + 224 px images hangs the first batch), so they never call torch."""
+    mean = np.asarray(CLIP_MEAN, dtype=np.float32)[:, None, None]
+    std = np.asarray(CLIP_STD, dtype=np.float32)[:, None, None]
+
+    def transform(image: ImageInput) -> np.ndarray:
+        view = training_view(load_image(image), image_size, only_resize)
+        pixels = np.asarray(view, dtype=np.uint8).astype(np.float32).transpose(2, 0, 1) / np.float32(255.0)
+        return (pixels - mean) / std
+
     return transform
 
 

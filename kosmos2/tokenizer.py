@@ -19,6 +19,8 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .sequence_layout import image_text_layout
+
 SPM_FILE = "sentencepiece.bpe.model"
 DICT_FILE = "dict.txt"
 
@@ -34,7 +36,8 @@ TAG_SYMBOLS = (MASK, EOD, BOI, EOI, EOC, EOL, PHRASE_START, PHRASE_END, OBJECT_S
 DEFAULT_LOCATION_BIN_SIZE = 32
 
 
-def patch_index_symbol(i: int) -> str:
+def patch_index_token(i: int) -> str:
+    """The location token of grid cell i (row-major): `<patch_index_0044>`. The one place that spells the name."""
     return f"<patch_index_{i:04d}>"
 
 
@@ -101,7 +104,7 @@ def add_kosmos2_symbols(dictionary: Dictionary, location_bin_size: int = DEFAULT
     for symbol in TAG_SYMBOLS:
         dictionary.add_symbol(symbol)
     for i in range(location_bin_size ** 2):
-        dictionary.add_symbol(patch_index_symbol(i))
+        dictionary.add_symbol(patch_index_token(i))
 
 
 def _load_spm(spm_model: str | os.PathLike):
@@ -185,7 +188,7 @@ class Kosmos2Tokenizer:
         self.phrase_start, self.phrase_end = self.index(PHRASE_START), self.index(PHRASE_END)
         self.object_start, self.object_end = self.index(OBJECT_START), self.index(OBJECT_END)
         self.delimiter = self.index(DELIMITER)
-        self._first_patch_index = self.index(patch_index_symbol(0))
+        self._first_patch_index = self.index(patch_index_token(0))
         # The official demo splits prompts on every symbol from fairseq id spm.vocab_size() on. Off by one, that
         # includes the last ordinary spm piece ('⟨' in the released vocabulary), which is then kept verbatim and
         # starts a new spm chunk. Harmless there, so we keep it for identical ids; in a small new vocabulary the last
@@ -281,13 +284,10 @@ class Kosmos2Tokenizer:
         """Prompt text -> ids as the official demo/eval does it (no bos/eos; see `image_prompt` for the full layout)."""
         return [self.dictionary.index(p) for p in self.prompt_pieces(text)]
 
-    def image_prompt(self, text: str, num_image_tokens: int = 64) -> tuple[list[int], list[bool]]:
+    def image_prompt(self, text: str, num_image_slots: int = 64) -> tuple[list[int], list[bool]]:
         """Inference layout `[<s>, <image>, 4..4+n-1, </image>] + encode_prompt(text)` and the slot mask (True on the
-        n image slots). The slot ids 4.. are what the official demo and HF write; they are replaced by image
-        features but stay visible to the no-repeat-ngram blocker."""
-        ids = [self.bos, self.boi, *range(4, 4 + num_image_tokens), self.eoi] + self.encode_prompt(text)
-        mask = [False, False] + [True] * num_image_tokens + [False] * (len(ids) - num_image_tokens - 2)
-        return ids, mask
+        n image slots); `kosmos2.sequence_layout` says why the slots hold 4, 5, …."""
+        return image_text_layout(self.bos, self.boi, self.eoi, num_image_slots, [self.encode_prompt(text)])
 
     # ---- decoding
     def decode(self, ids: Sequence[int]) -> str:

@@ -92,7 +92,7 @@ def test_multi_image_prompt_conventions_agree(kosmos, assets):
     assert images == [a, b]
     assert as_list == as_placeholders == kosmos.prompt_ids(2, texts)
     ids, mask = as_list
-    tok, q = kosmos.tokenizer, kosmos.num_image_tokens
+    tok, q = kosmos.tokenizer, kosmos.num_image_slots
     block = [tok.boi, *range(4, 4 + q), tok.eoi]
     assert ids[:1 + len(block)] == [tok.bos] + block
     assert sum(mask) == 2 * q

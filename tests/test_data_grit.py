@@ -10,9 +10,9 @@ from PIL import Image
 
 from kosmos2.data.collate import collate
 from kosmos2.data.grit import GritSampleMaker, GritSettings, grit_sample
-from kosmos2.data.grounding_labels import (GroundingSettings, centercrop_box, grounded_spans, remove_nested,
-                                           token_span, resized_size)
+from kosmos2.data.grounding_labels import GroundingSettings, centercrop_box, grounded_spans, remove_nested, token_span
 from kosmos2.data.rows import BadSample, parse_grit_row
+from kosmos2.image import short_side_resize_size
 from kosmos2.tokenizer import Kosmos2Tokenizer
 
 CAPTION = "a snowman next to a dog"
@@ -91,9 +91,9 @@ def test_full_sequence_and_masks(official_tok):
 # ----------------------------------------------------------------------------- centre-crop correction
 
 def test_resized_size_follows_torchvision():
-    assert resized_size(448, 224, 224) == (448, 224)
-    assert resized_size(300, 200, 224) == (336, 224)
-    assert resized_size(200, 333, 224) == (224, 372)
+    assert short_side_resize_size(448, 224, 224) == (448, 224)
+    assert short_side_resize_size(300, 200, 224) == (336, 224)
+    assert short_side_resize_size(200, 333, 224) == (224, 372)
 
 
 def test_crop_drops_cut_away_box_and_clips_partial_one():
@@ -183,12 +183,12 @@ def test_row_parse_reasons(line, reason):
 
 @pytest.mark.parametrize("size, only_resize", [((90, 60), False), ((50, 77), False), ((64, 64), False), ((90, 60), True)])
 def test_numpy_transform_is_bit_identical_to_kosmos2_image(size, only_resize):
-    from kosmos2.data.grit import build_image_transform
+    from kosmos2.image import train_transform_numpy
     from kosmos2.image import inference_transform, train_transform
 
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-    ours = build_image_transform(32, only_resize)(image)
+    ours = train_transform_numpy(32, only_resize)(image)
     reference = (inference_transform(32) if only_resize else train_transform(32))(image).numpy()
     assert ours.dtype == np.float32 and ours.shape == (3, 32, 32)
     assert np.array_equal(ours, reference)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kosmos2.sequence_layout import image_block
+
 
 @dataclass
 class Sample:
@@ -28,14 +30,14 @@ class Sample:
         return len(self.tokens)
 
 
-def image_block(boi: int, eoi: int, num_slots: int) -> tuple[list[int], list[bool], list[bool]]:
-    """`<image>` + num_slots slots (holding the `<image>` id, as in official training) + `</image>`.
+def training_image_block(boi: int, eoi: int, num_image_slots: int) -> tuple[list[int], list[bool], list[bool]]:
+    """`<image>` + num_image_slots slots (holding the `<image>` id, as in official training) + `</image>`, with the
+    slot mask and the loss mask of the block (`kosmos2.sequence_layout` builds the block).
 
     Loss mask on F: nothing is learned *from* BOI or the slots (their next tokens are slots / `</image>`);
     `</image>` itself is marked, so the token after the image is learned."""
-    tokens = [boi] + [boi] * num_slots + [eoi]
-    image_mask = [False] + [True] * num_slots + [False]
-    loss_mask = [False] + [False] * num_slots + [True]
+    tokens, image_mask = image_block(boi, eoi, num_image_slots, slot_id=boi)
+    loss_mask = [False] * (len(tokens) - 1) + [True]
     return tokens, image_mask, loss_mask
 
 

@@ -16,9 +16,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 
-from kosmos2.data.collate import Sample, image_block
+from kosmos2.data.collate import Sample, training_image_block
 from kosmos2.data.grounding_labels import GroundingSettings, grounded_caption_ids, grounded_spans
 from kosmos2.data.rows import BadSample, GritRow, decode_image, parse_grit_row
 
@@ -26,7 +25,7 @@ from kosmos2.data.rows import BadSample, GritRow, decode_image, parse_grit_row
 @dataclass
 class GritSettings:
     grounding: GroundingSettings = field(default_factory=GroundingSettings)
-    num_image_tokens: int = 64           # --latent-query-num / image_token_length (Q slots)
+    num_image_slots: int = 64            # --latent-query-num / image_token_length (Q slots)
     mix_no_object_prob: float = 0.0      # --mix-no-object-prob
     use_object_bbox_prob: float = 0.5    # --use-object-bbox-prob
     locate_special_token: bool = True    # --locate-special-token 1: prefix grounded captions with <grounding>
@@ -35,33 +34,6 @@ class GritSettings:
     @property
     def image_size(self) -> int:
         return self.grounding.image_size
-
-
-def build_image_transform(image_size: int, only_resize: bool):
-    """PIL image -> float32 [3,S,S] numpy: the training transform of spec §1.5 (short-side bicubic resize, centre
-    crop with torchvision's offsets, /255, CLIP mean/std) or, with --training-image-only-resize, the square resize.
-
-    Same arithmetic as `kosmos2.image.train_transform` / `inference_transform` (a test checks bit-equality), but
-    in numpy: these run inside forked prefetch workers, where touching torch after the parent has used its OpenMP
-    pool deadlocks (observed: a warm parent + 224 px images hangs the first batch)."""
-    from kosmos2.image import CLIP_MEAN, CLIP_STD, load_image, short_side_resize_size
-
-    mean = np.asarray(CLIP_MEAN, dtype=np.float32)[:, None, None]
-    std = np.asarray(CLIP_STD, dtype=np.float32)[:, None, None]
-
-    def transform(image) -> np.ndarray:
-        rgb = load_image(image)
-        if only_resize:
-            view = rgb.resize((image_size, image_size), Image.BICUBIC)
-        else:
-            w, h = short_side_resize_size(*rgb.size, image_size)
-            resized = rgb.resize((w, h), Image.BICUBIC) if (w, h) != rgb.size else rgb
-            left, top = int(round((w - image_size) / 2.0)), int(round((h - image_size) / 2.0))
-            view = resized.crop((left, top, left + image_size, top + image_size))
-        pixels = np.asarray(view, dtype=np.uint8).astype(np.float32).transpose(2, 0, 1) / np.float32(255.0)
-        return (pixels - mean) / std
-
-    return transform
 
 
 class GritSampleMaker:
@@ -75,7 +47,9 @@ class GritSampleMaker:
     @property
     def transform(self):
         if self._transform is None:  # built on first use, so label-only callers need no image stack
-            self._transform = build_image_transform(self.settings.image_size, self.settings.training_image_only_resize)
+            from kosmos2.image import train_transform_numpy
+
+            self._transform = train_transform_numpy(self.settings.image_size, self.settings.training_image_only_resize)
         return self._transform
 
     def caption_ids(self, row: GritRow, image_wh: tuple[int, int], rng: random.Random, dropped: Counter) -> list[int]:
@@ -97,15 +71,15 @@ class GritSampleMaker:
         # the decoded size (not the TSV columns) positions the crop, like the official loader
         caption = self.caption_ids(row, image.size, rng, dropped)
         pixels = np.asarray(self.transform(image), dtype=np.float32)
-        return grit_sample(caption, pixels, self.tokenizer, self.settings.num_image_tokens)
+        return grit_sample(caption, pixels, self.tokenizer, self.settings.num_image_slots)
 
     def __call__(self, rng: random.Random, line: str, dropped: Counter) -> Sample:
         return self.sample_from_row(parse_grit_row(line), rng, dropped)
 
 
-def grit_sample(caption_ids: list[int], pixels: np.ndarray, tokenizer, num_image_tokens: int) -> Sample:
+def grit_sample(caption_ids: list[int], pixels: np.ndarray, tokenizer, num_image_slots: int) -> Sample:
     """Assemble F and its masks (spec §5.6 table)."""
-    block, block_image_mask, block_loss_mask = image_block(tokenizer.boi, tokenizer.eoi, num_image_tokens)
+    block, block_image_mask, block_loss_mask = training_image_block(tokenizer.boi, tokenizer.eoi, num_image_slots)
     return Sample(
         tokens=[tokenizer.bos] + block + caption_ids,
         image_mask=[False] + block_image_mask + [False] * len(caption_ids),

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kosmos2.grounding import box_to_patch_indices
+from kosmos2.image import CentreCrop
 
 
 @dataclass
@@ -40,26 +41,20 @@ class GroundingSettings:
 
 # ----------------------------------------------------------------------------- boxes
 
-def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """Size after torchvision `Resize(size)` on the shorter side (long side truncated, unchanged if already `size`)."""
-    if (width <= height and width == size) or (height <= width and height == size):
-        return width, height
-    if width < height:
-        return size, int(size * height / width)
-    return int(size * width / height), size
-
-
 def centercrop_box(image_wh: tuple[int, int], size: int, box: tuple[float, float, float, float],
                    drop_crop_thr: float) -> list[float] | None:
-    """Normalised box of the original image -> normalised box of the resized + centre-cropped image, or None.
+    """Normalised box of the original image -> normalised box of its training view (`kosmos2.image.CentreCrop`, the
+    geometry the pixel transforms use), or None.
 
     Float32 arithmetic on the cropped coordinates as in the official code (`torch.float32` tensors): a box whose
     kept area ratio lands exactly on the threshold is kept, as there. The area ratio is kept area / resized area.
+    The box moves by the crop's exact offset, not the rounded one the pixels are cut at (see `CentreCrop`).
     """
-    resize_w, resize_h = resized_size(image_wh[0], image_wh[1], size)
+    crop = CentreCrop(image_wh[0], image_wh[1], size)
+    resize_w, resize_h = crop.resized
     nx1, ny1, nx2, ny2 = box
     rx1, ry1, rx2, ry2 = nx1 * resize_w, ny1 * resize_h, nx2 * resize_w, ny2 * resize_h
-    crop_top, crop_left = (resize_h - size) / 2.0, (resize_w - size) / 2.0
+    crop_left, crop_top = crop.offset
     limit = np.float32(size)
     cropped = np.array([rx1, ry1, rx2, ry2], dtype=np.float32) - np.array([crop_left, crop_top, crop_left, crop_top], dtype=np.float32)
     cropped = np.maximum(np.minimum(cropped, limit), np.float32(0))

@@ -19,20 +19,20 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from kosmos2.data.collate import Sample, image_block
-from kosmos2.data.grit import build_image_transform
+from kosmos2.data.collate import Sample, training_image_block
+from kosmos2.image import train_transform_numpy
 from kosmos2.data.rows import BadSample
 
 
 class InterleavedDocMaker:
-    def __init__(self, tokenizer, data_dir: str | Path, image_size: int, num_image_tokens: int, tokens_per_sample: int,
+    def __init__(self, tokenizer, data_dir: str | Path, image_size: int, num_image_slots: int, tokens_per_sample: int,
                  max_image_num: int = 5, only_resize: bool = False):
         self.tokenizer = tokenizer
         self.data_dir = Path(data_dir)
-        self.num_image_tokens = num_image_tokens
+        self.num_image_slots = num_image_slots
         self.tokens_per_sample = tokens_per_sample
         self.max_image_num = max_image_num
-        self.transform = build_image_transform(image_size, only_resize)
+        self.transform = train_transform_numpy(image_size, only_resize)
 
     def load_image(self, ref) -> np.ndarray:
         if not isinstance(ref, str) or not ref:
@@ -62,7 +62,7 @@ class InterleavedDocMaker:
         budget = self.tokens_per_sample - 1  # room for </s>
         for item in self.parse(line):
             if "image" in item:
-                block, block_mask, _ = image_block(tok.boi, tok.eoi, self.num_image_tokens)
+                block, block_mask, _ = training_image_block(tok.boi, tok.eoi, self.num_image_slots)
                 if len(images) == self.max_image_num or len(tokens) + len(block) > budget:
                     break  # never cut an image block
                 images.append(self.load_image(item["image"]))

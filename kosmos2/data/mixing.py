@@ -68,7 +68,7 @@ class DataConfig:
         grounding = GroundingSettings(mode=self.phrase_mode, box_score_threshold=self.box_score_threshold,
                                       drop_crop_thr=self.drop_crop_thr, image_size=self.input_resolution,
                                       perform_centercrop=not self.training_image_only_resize)
-        return GritSettings(grounding=grounding, num_image_tokens=self.latent_query_num,
+        return GritSettings(grounding=grounding, num_image_slots=self.latent_query_num,
                             mix_no_object_prob=self.mix_no_object_prob, use_object_bbox_prob=self.use_object_bbox_prob,
                             locate_special_token=bool(self.locate_special_token),
                             training_image_only_resize=self.training_image_only_resize)

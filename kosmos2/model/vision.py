@@ -69,7 +69,7 @@ class VisionTransformer(nn.Module):
         w, p = cfg.vision_width, cfg.patch_size
         self.conv1 = nn.Conv2d(3, w, kernel_size=p, stride=p, bias=False)
         self.class_embedding = nn.Parameter(torch.empty(w))
-        self.positional_embedding = nn.Parameter(torch.empty(cfg.num_image_tokens, w))
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.num_vit_tokens, w))
         self.ln_pre = nn.LayerNorm(w, eps=cfg.layernorm_eps)
         self.transformer = Transformer(cfg)
         self.ln_post = nn.LayerNorm(w, eps=cfg.layernorm_eps)

@@ -29,7 +29,6 @@ blocker would see them), which is what makes batched output equal to batch-size-
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 

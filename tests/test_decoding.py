@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from generation_helpers import image_row, random_model, small_config
 from kosmos2.checkpoint import load_model, save_hf, save_official
-from kosmos2.generation import GenerationConfig, NGramBlocker, continuation_logprobs, generate
+from kosmos2.decoding import GenerationConfig, NGramBlocker, continuation_logprobs, generate
 
 VOCAB = 120
 N_NEW = 30
