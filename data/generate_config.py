@@ -1,4 +1,4 @@
-"""Write the data config JSON that the training loaders read (spec §5.3 / §5.7).
+"""Write the data config JSON that the training loaders read (docs/official_behaviour.md#data-config, #text-stream).
 
     python data/generate_config.py DATA_DIR [--pattern '**/*.tsv'] [--split train] [--name grit] [--weight 1.0]
 

@@ -1,4 +1,4 @@
-"""img2dataset output (GRIT) -> TSV shards in the official 6-column layout (spec §5.2).
+"""img2dataset output (GRIT) -> TSV shards in the official 6-column layout (docs/official_behaviour.md#grit-tsv).
 
     python data/prepare_grit.py INPUT... --out DIR [--shard-size 5000] [--workers 4]
 

@@ -1,4 +1,5 @@
-"""Local Gradio demo of Kosmos-2 grounding (kosmos2-spec.md §7.2–§7.6): `bash run_gradio.sh [--checkpoint PATH]`.
+"""Local Gradio demo of Kosmos-2 grounding (docs/official_behaviour.md#demo, #prompt-layout, #official-decoding,
+#output-decoding, #box-drawing): `bash run_gradio.sh [--checkpoint PATH]`.
 
 The page is UI wiring only: generation is `kosmos2.api.Kosmos2.ground`, images are read by `kosmos2.image.load_image`
 (its errors are what the page shows) and boxes are drawn by `kosmos2.visualize.draw_entities`, whose colours
@@ -34,14 +35,15 @@ DEFAULT_CHECKPOINT = REPO / "output" / "tiny" / "checkpoint_last.pt"  # what the
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 
 GROUNDING_TAG = "<grounding>"
-PRESETS = {  # the official demo's two prompt choices (spec §7.3)
+PRESETS = {  # the official demo's two prompt choices (docs/official_behaviour.md#prompt-layout)
     "Brief": "<grounding>An image of",
     "Detailed": "<grounding>Describe this image in detail:",
 }
 CUSTOM = "Custom"
 # load_image accepts 1x1 images; nothing can be grounded in them, so the page asks for a real picture.
 MIN_IMAGE_SIDE = 16
-# The official demo's sampling defaults (spec §7.4) and a max-token default that keeps CPU runs short.
+# The official demo's sampling defaults (docs/official_behaviour.md#official-decoding) and a max-token default that
+# keeps CPU runs short.
 DEFAULT_TOP_P, DEFAULT_TEMPERATURE, DEFAULT_MAX_NEW_TOKENS = 0.9, 0.7, 128
 MAX_UPLOAD = "50mb"
 

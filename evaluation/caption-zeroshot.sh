@@ -1,5 +1,6 @@
 #!/bin/bash
-# Zero-shot captioning on a Karpathy test split (Flickr30k or COCO; spec §8.4): CIDEr, BLEU-4, METEOR, SPICE.
+# Zero-shot captioning on a Karpathy test split (Flickr30k or COCO;
+# docs/official_behaviour.md#benchmarks-without-official-code): CIDEr, BLEU-4, METEOR, SPICE.
 #   bash evaluation/caption-zeroshot.sh CHECKPOINT dataset_flickr30k.json IMAGE_ROOT [PROMPT]
 # IMAGE_ROOT: flickr30k-images/ for Flickr30k, the folder holding val2014/ for COCO. PROMPT default "An image of".
 source "$(dirname "$0")/_env.sh"

@@ -80,7 +80,8 @@ def text_after_image(raw: str) -> str:
 
 
 def strip_tags(text: str) -> str:
-    """Plain text of a decoded line: every `<...>` tag removed, whitespace collapsed (spec §7.5, display text)."""
+    """Plain text of a decoded line: every `<...>` tag removed, whitespace collapsed
+    (docs/official_behaviour.md#output-decoding, display text)."""
     from kosmos2.grounding import strip_tags_for_display
 
     return strip_tags_for_display(text)
@@ -181,7 +182,8 @@ def write_jsonl(path, rows: Iterable[dict]) -> None:
 
 
 def official_prompt_line(item: dict) -> str:
-    """The official launcher's input line: `[image]<path><tab><text>` segments (spec §7.3)."""
+    """The official launcher's input line: `[image]<path><tab><text>` segments
+    (docs/official_behaviour.md#prompt-layout)."""
     images = item["image"] if isinstance(item["image"], list) else [item["image"]]
     texts = item["prompt"] if isinstance(item["prompt"], list) else [item["prompt"]]
     return "<tab>".join(f"[image]{image}<tab>{text}" for image, text in zip(images, texts))

@@ -1,5 +1,6 @@
 #!/bin/bash
-# Zero-shot phrase grounding on Flickr30k Entities (spec §8.1): cook, generate (resumable), score R@1/5/10.
+# Zero-shot phrase grounding on Flickr30k Entities (docs/official_behaviour.md#flickr30k-entities): cook, generate
+# (resumable), score R@1/5/10.
 #   bash evaluation/grd-zeroshot-flickr.sh CHECKPOINT final_flickr_separateGT_test.json FLICKR30K_IMAGES FLICKR30K_ENTITIES [QUANTIZED_SIZE]
 # Writes <checkpoint>.eval.flickr.<split>.{prompts,predictions}.jsonl and .results.{json,md} next to the checkpoint.
 source "$(dirname "$0")/_env.sh"

@@ -1,5 +1,6 @@
 #!/bin/bash
-# Zero-shot referring expression comprehension on RefCOCO, RefCOCO+, RefCOCOg (spec §8.2), then one table.
+# Zero-shot referring expression comprehension on RefCOCO, RefCOCO+, RefCOCOg (docs/official_behaviour.md#refcoco), then
+# one table.
 #   bash evaluation/grd-zeroshot-refcoco.sh CHECKPOINT MDETR_ANNOTATIONS_DIR COCO2014_ROOT [SPLIT ...]
 # SPLIT is e.g. refcoco_testA (default: all 8 evaluation splits). COCO2014_ROOT holds train2014/.
 # Writes <checkpoint>.eval.<split>.{prompts,predictions}.jsonl, .results.{json,md}, and <checkpoint>.eval.refcoco_table.md.

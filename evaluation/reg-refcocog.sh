@@ -1,5 +1,6 @@
 #!/bin/bash
-# Referring expression generation on RefCOCOg (spec §8.4): zero-shot and few-shot, METEOR and CIDEr.
+# Referring expression generation on RefCOCOg (docs/official_behaviour.md#benchmarks-without-official-code): zero-shot
+# and few-shot, METEOR and CIDEr.
 #   bash evaluation/reg-refcocog.sh CHECKPOINT MDETR_ANNOTATIONS_DIR COCO2014_ROOT [SPLIT] [SHOTS ...]
 # SPLIT: val (default) or test. SHOTS default "0 2 4"; demonstrations come from finetune_refcocog_train.json.
 source "$(dirname "$0")/_env.sh"

@@ -1,6 +1,6 @@
 #!/bin/bash
-# Zero-shot VQAv2 (spec §8.4): "Question: ... Answer:" prompts; official accuracy when annotations are given, and
-# always the submission JSON for the EvalAI server (test-dev).
+# Zero-shot VQAv2 (docs/official_behaviour.md#benchmarks-without-official-code): "Question: ... Answer:" prompts;
+# official accuracy when annotations are given, and always the submission JSON for the EvalAI server (test-dev).
 #   bash evaluation/vqa-zeroshot.sh CHECKPOINT QUESTIONS_JSON COCO_ROOT [ANNOTATIONS_JSON]
 # COCO_ROOT holds val2014/ (val) or test2015/ (test-dev). MAX_NEW_TOKENS defaults to 16 here (short answers).
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-16}

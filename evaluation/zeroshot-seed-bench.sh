@@ -1,5 +1,6 @@
 #!/bin/bash
-# SEED-Bench image questions (spec §8.3): each choice scored by its mean log-probability, the best one is the answer.
+# SEED-Bench image questions (docs/official_behaviour.md#seed-bench): each choice scored by its mean log-probability,
+# the best one is the answer.
 #   bash evaluation/zeroshot-seed-bench.sh CHECKPOINT SEED-Bench.json SEED_BENCH_IMAGE_DIR
 source "$(dirname "$0")/_env.sh"
 if [[ $# -lt 3 ]]; then sed -n 2,3p "$0"; exit 2; fi

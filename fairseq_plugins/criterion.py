@@ -1,4 +1,5 @@
-"""fairseq criterion `unigpt` (spec §6.2-6.3): summed token NLL on the loss-masked, non-pad targets.
+"""fairseq criterion `unigpt` (docs/official_behaviour.md#loss-normalisation, #logged-losses): summed token NLL on the
+loss-masked, non-pad targets.
 
 `sample_size` is the number of those targets, so fairseq's gradient normalisation (sum over micro-batches and ranks,
 then divide) gives the per-token mean over the global batch, as in the official training.
@@ -18,7 +19,7 @@ from fairseq import metrics, utils
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 
-# loader batch key -> the official loss name (spec §6.3)
+# loader batch key -> the official loss name (docs/official_behaviour.md#logged-losses)
 LOSS_NAMES = {"vl_laion": "image_laion", "gpt": "gpt", "vl_interleaved": "image_interleaved"}
 
 

@@ -5,8 +5,8 @@ official ones (`gpt_model.decoder.*`, `img_model.visual.*`, `img_connector.*`) a
 `kosmos2.checkpoint.load_model` and the official code alike. All model math stays in `kosmos2/model/`.
 
 Architecture resolution follows fairseq: flags given on the command line win, the arch function fills every other
-field from the preset `configs/models/{xl,tiny}.json` (spec §1.2). `build_model` writes the resolved
-`Kosmos2Config` back into `cfg.model`, so the checkpoint's `cfg.model` describes the model completely.
+field from the preset `configs/models/{xl,tiny}.json` (docs/official_behaviour.md#architecture). `build_model` writes
+the resolved `Kosmos2Config` back into `cfg.model`, so the checkpoint's `cfg.model` describes the model completely.
 """
 
 import dataclasses
@@ -37,8 +37,8 @@ class UniGPTConfig(FairseqDataclass):
     decoder_ffn_embed_dim: Optional[int] = field(default=None, metadata={"help": "decoder FFN width"})
     decoder_attention_heads: Optional[int] = field(default=None, metadata={"help": "decoder attention heads"})
     dropout: Optional[float] = field(default=None, metadata={"help": "dropout on embeddings, residuals and FFN output"})
-    attention_dropout: Optional[float] = field(default=None, metadata={"help": "connector attention dropout (the decoder's "
-                                                                                  "flash path has none, spec §1.3)"})
+    attention_dropout: Optional[float] = field(default=None, metadata={
+        "help": "connector attention dropout (the decoder's flash path has none, docs/official_behaviour.md#decoder)"})
     activation_dropout: Optional[float] = field(default=None, metadata={"help": "dropout after the FFN activation"})
     layernorm_eps: Optional[float] = field(default=None, metadata={"help": "LayerNorm epsilon"})
     max_target_positions: Optional[int] = field(default=None, metadata={"help": "default: --tokens-per-sample"})
@@ -46,7 +46,8 @@ class UniGPTConfig(FairseqDataclass):
     # Official flags that name the only implemented design; accepted (train.sh passes them) and recorded.
     subln: bool = field(default=False, metadata={"help": "Magneto sub-LN (always on; recorded for the official cfg)"})
     flash_attention: bool = field(default=False, metadata={"help": "memory-efficient attention (always: SDPA)"})
-    sope_rel_pos: bool = field(default=False, metadata={"help": "built but unused by the official model (spec §10.1)"})
+    sope_rel_pos: bool = field(default=False, metadata={
+        "help": "built but unused by the official model (docs/official_behaviour.md#xpos-unused)"})
     # image side
     image_encoder: str = field(default="clip", metadata={"help": "only 'clip' exists"})
     visual_model_name: Optional[str] = field(default=None, metadata={"help": "ViT-L-14 (xl) or tiny-vit (tiny)"})
@@ -65,7 +66,8 @@ class UniGPTConfig(FairseqDataclass):
     location_embedding_init: Optional[str] = field(default=None, metadata={
         "help": "from-scratch init of the <patch_index_*> embeddings: normal (official, xl) or sincos2d (tiny); "
                 "see kosmos2/model/location_embeddings.py"})
-    no_freeze_all: bool = field(default=False, metadata={"help": "train the ViT too (official: a no-op, spec §1.8)"})
+    no_freeze_all: bool = field(default=False, metadata={
+        "help": "train the ViT too (official: a no-op, docs/official_behaviour.md#frozen-vit)"})
 
 
 PRESET_FIELDS = [f.name for f in dataclasses.fields(Kosmos2Config) if f.name not in ("extra", "arch")]
@@ -120,8 +122,9 @@ class UniGPTModel(Kosmos2Model, BaseFairseqModel):
         return self.cfg.max_target_positions
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
-        # The released kosmos-2.pt carries two buffers the model never uses (spec §2.2): drop them, so that
-        # `--restore-file kosmos-2.pt --reset-optimizer ...` works as well as our own checkpoints.
+        # The released kosmos-2.pt carries two buffers the model never uses
+        # (docs/official_behaviour.md#checkpoint-layout): drop them, so that `--restore-file kosmos-2.pt
+        # --reset-optimizer ...` works as well as our own checkpoints.
         state_dict = {k: v for k, v in state_dict.items() if k not in UNUSED_OFFICIAL_KEYS}
         return super().load_state_dict(state_dict, strict, model_cfg, args)
 

@@ -1,8 +1,9 @@
 """`--optimizer torch_adamw`: PyTorch's AdamW, fused into one kernel per step (on CUDA and, since torch 2.4, on CPU).
 
 fairseq's own `--optimizer adam` (what the official train.sh uses) is already AdamW-style (decoupled weight decay,
-spec §6.1), but without apex it runs a Python loop over parameters. `torch_adamw` takes the same flags
-(`--adam-betas --adam-eps --weight-decay`) and computes the same update with `torch.optim.AdamW(fused=True)`.
+docs/official_behaviour.md#training-recipe), but without apex it runs a Python loop over parameters. `torch_adamw` takes
+the same flags (`--adam-betas --adam-eps --weight-decay`) and computes the same update with
+`torch.optim.AdamW(fused=True)`.
 
 Precision paths:
 * fp32, `--bf16` / `--fp16` (FP16Optimizer: fp32 master weights, flattened into one tensor): supported, fused on GPU and CPU.

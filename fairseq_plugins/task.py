@@ -1,4 +1,5 @@
-"""fairseq task `image_gpt_interleaved_laion_obj`: the official training task on top of `kosmos2.data` (spec §5.9, §6.1).
+"""fairseq task `image_gpt_interleaved_laion_obj`: the official training task on top of `kosmos2.data`
+(docs/official_behaviour.md#stream-mixing, #training-recipe).
 
 Every flag of the official train.sh is accepted with working semantics:
 * the three streams (interleaved, GRIT, text) are mixed per micro-batch by `--data-weights` (seeded, checkpointed);
@@ -6,7 +7,7 @@ Every flag of the official train.sh is accepted with working semantics:
   run continues with exactly the batches an uninterrupted run would have seen; `--reset-dataloader` ignores it;
 * `--init-from-file` initialises from the released `kosmos-2.pt`, any of our checkpoints or a converted HF folder,
   non-strictly: vocabulary rows are copied into the first rows, latent queries are extended or truncated, other
-  shape mismatches are dropped (spec §6.1).
+  shape mismatches are dropped (docs/official_behaviour.md#init-from-file).
 
 Deliberate differences from the official task: the vocabulary is never padded to `--required-batch-size-multiple`
 (so the flag only has its batching meaning, which is moot with fixed-size batches), and there is no validation set
@@ -225,7 +226,8 @@ class StreamingEpochIterator:
 
 
 def init_from_file(model: torch.nn.Module, path: str) -> dict:
-    """Non-strict initialisation (spec §6.1). Returns {loaded, resized, dropped, missing} key lists (also logged)."""
+    """Non-strict initialisation (docs/official_behaviour.md#init-from-file). Returns {loaded, resized, dropped,
+    missing} key lists (also logged)."""
     source, _, fmt = load_state(path)
     target = model.state_dict()
     weights, report = {}, {"loaded": [], "resized": [], "dropped": [], "missing": []}

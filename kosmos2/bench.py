@@ -147,15 +147,16 @@ def load_transformers(folder: str, dtype: torch.dtype, device: torch.device):
 
 
 def tag_ids(vocab_size: int) -> dict:
-    """Ids of the tags used by the benchmark prompts (kosmos2-spec.md §3): the official dictionary ends with the 12
-    tags followed by 1024 location tokens, so counting back from the end finds them in any vocabulary built the same
-    way (the tiny preset's included)."""
+    """Ids of the tags used by the benchmark prompts (docs/official_behaviour.md#vocabulary): the official dictionary
+    ends with the 12 tags followed by 1024 location tokens, so counting back from the end finds them in any vocabulary
+    built the same way (the tiny preset's included)."""
     return {"boi": vocab_size - 1034, "eoi": vocab_size - 1033, "grounding": vocab_size - 1025}
 
 
 def grounding_prompt(cfg: Kosmos2Config) -> tuple[list[int], list[bool]]:
-    """`<grounding>An image of` after one image: [<s>, <image>, slot ids 4.., </image>, <grounding>, text] (spec §7.3).
-    The xl vocabulary gives the real ids of ▁An ▁image ▁of (712, 1648, 9); other vocabularies get 3 ordinary ids."""
+    """`<grounding>An image of` after one image: [<s>, <image>, slot ids 4.., </image>, <grounding>, text]
+    (docs/official_behaviour.md#prompt-layout). The xl vocabulary gives the real ids of ▁An ▁image ▁of (712, 1648, 9);
+    other vocabularies get 3 ordinary ids."""
     tags = tag_ids(cfg.vocab_size)
     text = [712, 1648, 9] if cfg.vocab_size == 65037 else [100, 200, 9]
     return image_text_layout(0, tags["boi"], tags["eoi"], cfg.latent_query_num, [[tags["grounding"], *text]])
@@ -462,10 +463,11 @@ def decode_floor(model: nn.Module, limits: dict, batch: int, step_ms: float | No
 
 
 def training_batch(cfg: Kosmos2Config, batch: int, seq_len: int, device, dtype, seed: int):
-    """A GRIT-like sequence per row: [<s>, <image>, slots holding the <image> id (spec §5.6), </image>, random
-    text], `seq_len` tokens in all, plus one random image per row. Returns (ids, image-slot mask, pixels, loss mask):
-    the loss mask marks the positions whose next token is learned, i.e. from `</image>` to the second-last position
-    (spec §5.6: the caption tokens, nothing for <s>, <image>, the slots or `</image>`)."""
+    """A GRIT-like sequence per row: [<s>, <image>, slots holding the <image> id
+    (docs/official_behaviour.md#training-sequence), </image>, random text], `seq_len` tokens in all, plus one random
+    image per row. Returns (ids, image-slot mask, pixels, loss mask): the loss mask marks the positions whose next token
+    is learned, i.e. from `</image>` to the second-last position (docs/official_behaviour.md#training-sequence: the
+    caption tokens, nothing for <s>, <image>, the slots or `</image>`)."""
     g = torch.Generator().manual_seed(seed)
     tags = tag_ids(cfg.vocab_size)
     head, head_mask = image_text_layout(0, tags["boi"], tags["eoi"], cfg.latent_query_num, [[]], slot_id=tags["boi"])
@@ -595,7 +597,8 @@ def bench_train(args) -> dict:
     tokens = ids.numel()
     result = {"bench": "train", "preset": args.preset, "dtype": args.dtype, "batch_size": args.batch_size,
               "seq_len": args.seq_len, "steps": args.steps, "repeats": args.repeats,
-              "loss": "cross-entropy of the caption tokens (spec 5.6), each implementation's own training path",
+              "loss": "cross-entropy of the caption tokens (docs/official_behaviour.md#training-sequence), "
+                      "each implementation's own training path",
               "learned_tokens": int(loss_mask.sum()), "optimizer": optimizer_name(trainers["ours"].optimizer)}
     result.update(train_summary(trainers["ours"], sum(runs["ours"], []), tokens, memory.peak_mb("ours"),
                                 device, args.dtype))

@@ -5,7 +5,7 @@
 * `save_official(model_or_sd, cfg, path)` / `save_hf(model_or_sd, cfg, folder)` write either format (atomically).
 
 Official names are the internal names; HF names are mapped by the inverse of transformers' conversion table
-(hf-port-and-user-asks.md §A.4), which is a bijection once the two unused official buffers are set aside.
+(docs/official_behaviour.md#hf-conversion), which is a bijection once the two unused official buffers are set aside.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import torch
 from .config import Kosmos2Config
 from .safe_pickle import UnsafeCheckpointError, safe_torch_load
 
-# Buffers of the official checkpoint that the forward never uses (spec §2.2): tolerated, never required.
+# Buffers of the official checkpoint that the forward never uses (docs/official_behaviour.md#checkpoint-layout):
+# tolerated, never required.
 UNUSED_OFFICIAL_KEYS = ("gpt_model.decoder.embed_positions._float_tensor", "gpt_model.decoder.self_attn_sope.scale")
 OFFICIAL_PREFIXES = ("gpt_model.decoder.", "img_model.visual.", "img_connector.")
 TIED_KEYS = ("gpt_model.decoder.embed_tokens.weight", "gpt_model.decoder.output_projection.weight")

@@ -4,7 +4,7 @@ Every prompt is run through the model once (prefill, image features included); a
 token per live row. Prompts of different lengths are left-padded: the model's KVCache counts only real tokens for
 positions and masks pad keys, so a row gives the same tokens whatever else is in the batch.
 
-Two semantics (kosmos2-spec.md §7.4 and hf-port-and-user-asks.md §A.7):
+Two semantics (docs/official_behaviour.md#official-decoding and #hf-port-differences):
 
 * ``"official"`` (default) — the modified fairseq `SequenceGenerator` of the official demo and evaluation:
   - the length limit `max_length` (fairseq `max_len_b`, default 500) counts the prompt without `<s>` plus the

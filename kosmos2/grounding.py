@@ -1,4 +1,5 @@
-"""Boxes <-> `<patch_index_*>` tokens, grounding markup, and entity extraction (kosmos2-spec.md §4, HF notes §A.6).
+"""Boxes <-> `<patch_index_*>` tokens, grounding markup, and entity extraction
+(docs/official_behaviour.md#location-tokens, #hf-processor).
 
 The image is split into a P x P grid (P = 32); cell (x, y) has index x + P*y (row-major, x fastest). A box is
 written as the cells of its upper-left and lower-right corners:

@@ -1,4 +1,5 @@
-"""Image loading and the Kosmos-2 image transforms (kosmos2-spec.md §1.5).
+"""Image loading and the Kosmos-2 image transforms (docs/official_behaviour.md#inference-image-view,
+#training-image-view).
 
 * `load_image` turns a path, bytes, file object or PIL image of any mode into an RGB PIL image the way a user
   expects to see it: EXIF orientation applied, transparency composited on white, the first frame of an animation,

@@ -1,4 +1,5 @@
-"""Dictionary and tokenizer: sentencepiece pieces + grounding tags + location tokens (kosmos2-spec.md §3).
+"""Dictionary and tokenizer: sentencepiece pieces + grounding tags + location tokens
+(docs/official_behaviour.md#vocabulary).
 
 The vocabulary is built exactly like the official code (fairseq `Dictionary.load(dict.txt)` followed by
 `add_location_symbols`):

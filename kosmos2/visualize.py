@@ -1,4 +1,5 @@
-"""Draw grounded entities on an image with Pillow only (the official demo used OpenCV, kosmos2-spec.md §7.6).
+"""Draw grounded entities on an image with Pillow only (the official demo used OpenCV,
+docs/official_behaviour.md#box-drawing).
 
 Like the official `draw_entity_box_on_image`: boxes in pixels of the original image (`int(x * W)`), line width
 max(2·min(W, H)/512, 2), a label with the phrase on a semi-transparent background at each box. Unlike it: colours

@@ -227,7 +227,8 @@ def test_cli_error_as_subprocess(assets):
 
 
 def test_official_vocabulary_prompt_layout(official_assets, tmp_path):
-    """With the released tokenizer files the demo's "Brief" prompt is spec §7.3's 71 ids."""
+    """With the released tokenizer files the demo's "Brief" prompt has the 71 ids of
+    docs/official_behaviour.md#prompt-layout."""
     tok = Kosmos2Tokenizer.from_dir(official_assets)
     cfg = small_config(len(tok), decoder_embed_dim=32, decoder_ffn_embed_dim=64, decoder_attention_heads=2,
                        latent_query_num=64, connector_heads=2)

@@ -22,7 +22,8 @@ def run(capsys, *argv) -> dict:
 
 def test_xl_prompt_is_the_official_layout():
     ids, mask = grounding_prompt(load_preset("xl"))
-    assert ids == [0, 64003, *range(4, 68), 64004, 64012, 712, 1648, 9] and len(ids) == 71  # spec §7.3
+    # the demo's "Brief" prompt (docs/official_behaviour.md#prompt-layout)
+    assert ids == [0, 64003, *range(4, 68), 64004, 64012, 712, 1648, 9] and len(ids) == 71
     assert mask == [False, False] + [True] * 64 + [False] * 5
 
 

@@ -19,7 +19,8 @@ from test_model_vs_transformers import small_config
 
 REPO = Path(__file__).resolve().parents[1]
 
-# spec §2.2, written out by hand: every key of kosmos-2.pt as a pattern (N = a layer index)
+# docs/official_behaviour.md#checkpoint-layout, written out by hand: every key of kosmos-2.pt as a pattern (N = a layer
+# index)
 SPEC_KEY_PATTERNS = [
     r"gpt_model\.decoder\.embed_tokens\.weight",
     r"gpt_model\.decoder\.output_projection\.weight",
@@ -100,7 +101,7 @@ def test_hf_to_official_and_back_is_bit_exact(small, tmp_path, dtype):
     assert set(original) == set(back)
     for key, tensor in original.items():
         assert back[key].dtype == dtype and torch.equal(back[key], tensor), key
-    # the official file has exactly the spec's keys plus the two unused buffers the official loader expects
+    # the official file has exactly the official keys plus the two unused buffers the official loader expects
     state = torch.load(tmp_path / "k.pt", weights_only=False)
     assert "gpt_model.decoder.self_attn_sope.scale" in state["model"] and "gpt_model.decoder.embed_positions._float_tensor" in state["model"]
     assert all(_matches_spec(k) for k in state["model"] if "sope" not in k and "_float_tensor" not in k)

@@ -1,4 +1,5 @@
-"""GRIT label construction (spec §5.4-§5.6, §11): golden ids with the official tokenizer, crop correction, defects."""
+"""GRIT label construction (docs/official_behaviour.md#grit-samples, #grounding-labels, #training-sequence,
+#grit-label-defects): golden ids with the official tokenizer, crop correction, defects."""
 import base64
 import io
 import random
@@ -67,7 +68,8 @@ def test_plain_caption_when_coin_says_no(official_tok):
 
 
 def test_full_sequence_and_masks(official_tok):
-    """F = <s> <image> Q slots </image> caption </s>; masks per spec §5.6; collate shifts by one."""
+    """F = <s> <image> Q slots </image> caption </s>; masks per docs/official_behaviour.md#training-sequence; collate
+    shifts by one."""
     q = 4
     caption = caption_ids(official_tok, "expression")
     sample = grit_sample(caption, np.zeros((3, 8, 8), np.float32), official_tok, q)
@@ -110,7 +112,8 @@ def test_square_image_box_unchanged():
     assert box == pytest.approx([0.1, 0.2, 0.3, 0.4], abs=1e-6)
 
 
-# ----------------------------------------------------------------------------- §11 defects -> well-formed results
+# ----------------------------------------------------------------------------- official label defects
+# (docs/official_behaviour.md#grit-label-defects) -> well-formed results
 
 def test_bad_entries_drop_only_themselves(official_tok):
     anns = {"phrase": [[0, 9, *B, 0.9], [0, 9, 0.5, 0.5, 0.5, 0.9, 0.9], [30, 40, *D, 0.9], [18, 23, *D],

@@ -150,7 +150,7 @@ def test_images_matter(cfg, model, pixels):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# official loop details (spec §7.4)
+# official loop details (docs/official_behaviour.md#official-decoding)
 
 
 def test_official_max_length_counts_the_prompt(cfg, model, pixels):

@@ -59,7 +59,7 @@ def test_bad_boxes_raise_clear_errors():
 
 
 def test_decoding_edges_vs_centres():
-    # same cell, same row, same column -> cell edges; otherwise centres (spec §4)
+    # same cell, same row, same column -> cell edges; otherwise centres (docs/official_behaviour.md#location-tokens)
     assert patch_indices_to_box(33, 33) == (C, C, 2 * C, 2 * C)
     assert patch_indices_to_box(33, 40) == (C, C, 9 * C, 2 * C)  # same row
     assert patch_indices_to_box(33, 33 + 5 * 32) == (C, C, 2 * C, 7 * C)  # same column

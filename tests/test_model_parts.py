@@ -1,4 +1,4 @@
-"""Pieces of the model against independent references: open_clip's ViT, the spec's init and position formulas."""
+"""Pieces of the model against independent references: open_clip's ViT, the official init and position formulas."""
 import math
 
 import pytest
@@ -148,9 +148,10 @@ def grit_like_batch(cfg, rows: int, text: int, padded: int):
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_logits_mask_skips_dead_work_but_equals_the_full_forward_and_backward(checkpointing):
-    """Training asks for logits only where the loss learns (after `</image>`, spec §5.6). The last decoder layer then
-    computes nothing for earlier positions (`keep_from`). Logits at the learned positions and every gradient must
-    equal those of the full forward; one row is right-padded (the mask must follow the padding)."""
+    """Training asks for logits only where the loss learns (after `</image>`,
+    docs/official_behaviour.md#training-sequence). The last decoder layer then computes nothing for earlier positions
+    (`keep_from`). Logits at the learned positions and every gradient must equal those of the full forward; one row is
+    right-padded (the mask must follow the padding)."""
     torch.manual_seed(0)
     cfg = small_config(dropout=0.0, attention_dropout=0.0, checkpoint_activations=checkpointing)
     model = build_model(cfg).train()

@@ -123,7 +123,7 @@ def test_left_padded_batch_equals_unpadded_rows(pair):
 def test_xl_preset_parameter_count():
     model = build_model(load_preset("xl"), device="meta")
     assert model.num_parameters() == 1_664_485_376
-    # spec §1.8 breakdown
+    # the official parameter breakdown (docs/official_behaviour.md#model-composition)
     assert sum(p.numel() for p in model.img_model.parameters()) == 303_179_776
     assert sum(p.numel() for p in model.img_connector.parameters()) == 19_015_680
 

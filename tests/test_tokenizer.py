@@ -62,7 +62,7 @@ def test_official_dictionary_layout(tok):
     assert (tok.object_start, tok.object_end, tok.delimiter) == (64009, 64010, 64011)
     assert tok.dictionary.symbols[64001:64013] == ["<mask>"] + TAGS
     assert tok.num_location_tokens == 1024
-    # fairseq id = spm id + 1 (spec §3): spm 3 '.', 4 '▁the'
+    # fairseq id = spm id + 1 (docs/official_behaviour.md#vocabulary): spm 3 '.', 4 '▁the'
     assert tok.index(".") == 4 and tok.index("▁the") == 5 and tok.sp.piece_to_id("▁the") + 1 == 5
     with pytest.raises(KeyError, match="not in the Kosmos-2 dictionary"):
         tok.index("<patch_index_1024>")
@@ -74,13 +74,13 @@ def test_demo_prompt_ids(tok):
     ids = tok.encode_prompt("<grounding>An image of")
     assert ids == [64012, tok.index("▁An"), tok.index("▁image"), tok.index("▁of")] == [64012, 712, 1648, 9]
     full, mask = tok.image_prompt("<grounding>An image of")
-    # spec §7.3: 0, 64003, 4..67, 64004, 64012, ▁An, ▁image, ▁of (L = 71)
+    # docs/official_behaviour.md#prompt-layout: 0, 64003, 4..67, 64004, 64012, ▁An, ▁image, ▁of (L = 71)
     assert full == [0, 64003, *range(4, 68), 64004, 64012, 712, 1648, 9] and len(full) == 71
     assert mask == [False, False] + [True] * 64 + [False] * 5
 
 
 def test_snowman_round_trip(tok, xlmr):
-    # ids the model generated -> text (after </image>), as in the HF docs / spec §3
+    # ids the model generated -> text (after </image>), as in the HF docs / docs/official_behaviour.md#output-decoding
     decoded = tok.decode(SNOWMAN_GENERATED_IDS)
     assert decoded.split("</image>")[-1] == SNOWMAN
     assert decoded.startswith("<image>. the, to and of as in I that' for is")  # slot ids 4..67 decode to words

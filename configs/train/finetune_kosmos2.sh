@@ -3,8 +3,9 @@
 #
 #   INIT=path/to/kosmos-2.pt LAION_DATA_DIR=my_grit bash train.sh $(bash configs/train/finetune_kosmos2.sh)
 #
-# --init-from-file loads the weights non-strictly (spec §6.1): a larger vocabulary keeps the released rows first,
-# latent queries are extended/truncated; optimizer and data start fresh. Environment (defaults in brackets):
+# --init-from-file loads the weights non-strictly (docs/official_behaviour.md#init-from-file): a larger vocabulary keeps
+# the released rows first, latent queries are extended/truncated; optimizer and data start fresh. Environment (defaults
+# in brackets):
 #   INIT [kosmos-2.pt]  LAION_DATA_DIR [data/grit]  TEXT_DATA_DIR [data/text]  TOKENIZER_DIR [data]
 #   SAVE_DIR [output/finetune]  MAX_UPDATE [2000]  LR [2e-5]
 # bf16 with fused AdamW (fp32 master weights) on GPUs that have bf16; on V100-class GPUs replace

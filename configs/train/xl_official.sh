@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The official Kosmos-2 pre-training recipe (microsoft/unilm kosmos-2/train.sh, spec §6.1) as fairseq-train flags.
+# The official Kosmos-2 pre-training recipe (microsoft/unilm kosmos-2/train.sh,
+# docs/official_behaviour.md#training-recipe) as fairseq-train flags.
 #
 #   bash train.sh $(bash configs/train/xl_official.sh) [more flags override earlier ones]
 #
@@ -10,8 +11,9 @@
 # Global batch = nodes x GPUs x 8 (update-freq) x 6 (GRIT batch) sequences; the paper used 256 V100s.
 #
 # Two official flags are left out on purpose:
-#   --no-freeze-all       was a no-op in the official code (the ViT stayed frozen, spec §1.8); here it really unfreezes
-#                         the ViT, so reproducing the released training means not passing it.
+#   --no-freeze-all       was a no-op in the official code (the ViT stayed frozen,
+#                         docs/official_behaviour.md#frozen-vit); here it really unfreezes the ViT, so reproducing the
+#                         released training means not passing it.
 #   --reset-dataloader    made every resume restart the data streams; without it a resume continues with exactly the
 #                         batches an uninterrupted run would have seen. Add it back to reproduce the official restarts.
 # Modern alternative to --memory-efficient-fp16 --optimizer adam on Ampere/Hopper GPUs:

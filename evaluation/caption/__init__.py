@@ -1,1 +1,2 @@
-"""Zero-shot image captioning on the Karpathy test splits of Flickr30k and COCO (spec §8.4)."""
+"""Zero-shot image captioning on the Karpathy test splits of Flickr30k and COCO
+(docs/official_behaviour.md#benchmarks-without-official-code)."""

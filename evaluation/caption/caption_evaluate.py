@@ -1,4 +1,5 @@
-"""Score zero-shot captions on a Karpathy test split: CIDEr, BLEU-4, METEOR, SPICE (pycocoevalcap; spec §8.4).
+"""Score zero-shot captions on a Karpathy test split: CIDEr, BLEU-4, METEOR, SPICE (pycocoevalcap;
+docs/official_behaviour.md#benchmarks-without-official-code).
 
     python evaluation/caption/caption_evaluate.py PRED --karpathy_file dataset_flickr30k.json [--out results/flickr_cap]
 

@@ -1,4 +1,5 @@
-"""Cook zero-shot captioning prompts for the Karpathy test split of Flickr30k or COCO (spec §8.4).
+"""Cook zero-shot captioning prompts for the Karpathy test split of Flickr30k or COCO
+(docs/official_behaviour.md#benchmarks-without-official-code).
 
 Input: Karpathy's `dataset_flickr30k.json` / `dataset_coco.json` (`images[]` with `split`, `filename`, optional
 `filepath`, `sentences[].raw`). One prompt per test image: `An image of` (the paper's zero-shot caption prompt, without

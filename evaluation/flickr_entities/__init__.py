@@ -1,1 +1,2 @@
-"""Flickr30k Entities phrase grounding: cook one prompt per phrase from MDETR json, score Recall@k (spec §8.1)."""
+"""Flickr30k Entities phrase grounding: cook one prompt per phrase from MDETR json, score Recall@k
+(docs/official_behaviour.md#flickr30k-entities)."""

@@ -1,12 +1,14 @@
-"""Cook Flickr30k Entities prompts from MDETR `final_flickr_separateGT_{val,test}.json` (spec §8.1).
+"""Cook Flickr30k Entities prompts from MDETR `final_flickr_separateGT_{val,test}.json`
+(docs/official_behaviour.md#flickr30k-entities).
 
 One prompt per evaluated phrase (`tokens_positive_eval` entry), in file order:
 
     <grounding>{caption[:start]} <phrase>{caption[start:end]}</phrase>
 
 Only the first character span of each phrase is used, and the caption prefix keeps its trailing space so the official
-prompts have two spaces before `<phrase>` (sentencepiece then encodes the prefix chunk on its own, spec §7.3): the model
-continues with `<object>...`. The item order is the order the official `H-` line numbers refer to.
+prompts have two spaces before `<phrase>` (sentencepiece then encodes the prefix chunk on its own,
+docs/official_behaviour.md#prompt-encoding): the model continues with `<object>...`. The item order is the order the
+official `H-` line numbers refer to.
 
     python -m evaluation.flickr_entities.cook_data final_flickr_separateGT_test.json flickr30k-images --out test.jsonl
     (add --official to write the `[image]<path><tab><prompt>` lines that the official caption_obj_few_shot.py reads)

@@ -1,4 +1,5 @@
-"""Score Flickr30k Entities phrase grounding: Recall@1/5/10 and upper bound, any-box protocol, per category (spec §8.1).
+"""Score Flickr30k Entities phrase grounding: Recall@1/5/10 and upper bound, any-box protocol, per category
+(docs/official_behaviour.md#flickr30k-entities).
 
     python evaluation/flickr_entities/flickr_entities_evaluate.py PRED \
         --annotation_file final_flickr_separateGT_test.json --flickr_entities_path flickr30k_entities \
@@ -14,7 +15,8 @@ Without --flickr_entities_path the ground truth is read from the MDETR json itse
 `tokens_positive` contain the phrase span) and only the "all" category exists; this is how the held-out synthetic
 sets are scored. MDETR merges near-duplicate boxes (IoU >= 0.95), so on the real data the XML is the reference.
 
-Defects of the official scorer (spec §11) that are fixed here, each restored by --official-compat:
+Defects of the official scorer (docs/official_behaviour.md#scorer-defects) that are fixed here, each restored by
+--official-compat:
   1. a phrase text that occurs twice in a sentence got the first occurrence's ground truth for both; we pair the k-th
      `tokens_positive_eval` span with the k-th boxed phrase of the sentence, which is how MDETR built the json;
   2. predicted boxes were scaled by the json's width/height; we use the XML's (the annotation the GT boxes belong to);

@@ -1,4 +1,5 @@
-"""Cook RefCOCO / RefCOCO+ / RefCOCOg prompts from MDETR `finetune_{refcoco,refcoco+,refcocog}_{split}.json` (spec §8.2).
+"""Cook RefCOCO / RefCOCO+ / RefCOCOg prompts from MDETR `finetune_{refcoco,refcoco+,refcocog}_{split}.json`
+(docs/official_behaviour.md#refcoco).
 
 One prompt per annotation, in annotation order (the order the official `H-` line numbers refer to):
 

@@ -1,4 +1,5 @@
-"""One Markdown table over the RefCOCO / RefCOCO+ / RefCOCOg splits, next to the paper's zero-shot numbers (spec §8.2).
+"""One Markdown table over the RefCOCO / RefCOCO+ / RefCOCOg splits, next to the paper's zero-shot numbers
+(docs/official_behaviour.md#refcoco).
 
     python -m evaluation.refcoco.make_table results/refcoco_*.json [--out results/refcoco_table.md]
 

@@ -1,4 +1,5 @@
-"""Score referring expression comprehension (RefCOCO / RefCOCO+ / RefCOCOg): accuracy@0.5 of the first box (spec §8.2).
+"""Score referring expression comprehension (RefCOCO / RefCOCO+ / RefCOCOg): accuracy@0.5 of the first box
+(docs/official_behaviour.md#refcoco).
 
     python evaluation/refcoco/refexp_evaluate.py PRED finetune_refcoco_testA.json --quantized_size 32 [--json]
         [--official-compat] [--out results/refcoco_testA]

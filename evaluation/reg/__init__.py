@@ -1,1 +1,2 @@
-"""Referring expression generation on RefCOCOg, zero-shot and few-shot (spec §8.4)."""
+"""Referring expression generation on RefCOCOg, zero-shot and few-shot
+(docs/official_behaviour.md#benchmarks-without-official-code)."""

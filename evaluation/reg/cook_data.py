@@ -1,4 +1,5 @@
-"""Cook referring expression generation prompts on RefCOCOg (spec §8.4; the paper's code was not released).
+"""Cook referring expression generation prompts on RefCOCOg
+(docs/official_behaviour.md#benchmarks-without-official-code; the paper's code was not released).
 
 Input: MDETR `finetune_refcocog_{val,test}.json`. One prompt per referred object (all expressions of that object are the
 references), giving the model the object's box and asking it to finish the sentence:

@@ -1,1 +1,2 @@
-"""SEED-Bench image questions scored by the mean log-probability of each choice (spec §8.3)."""
+"""SEED-Bench image questions scored by the mean log-probability of each choice
+(docs/official_behaviour.md#seed-bench)."""

@@ -1,4 +1,4 @@
-"""Cook SEED-Bench image questions for log-probability scoring (spec §8.3).
+"""Cook SEED-Bench image questions for log-probability scoring (docs/official_behaviour.md#seed-bench).
 
 Input: `SEED-Bench.json` (`questions[]` with `question_id`, `question`, `choice_a`..`choice_d`, `answer` (a letter),
 `question_type_id`, `data_id` (image file), `data_type`). Only image questions (`data_type == "image"`) are kept.

@@ -1,4 +1,5 @@
-"""Score SEED-Bench image questions: the choice with the highest mean log-probability is the answer (spec §8.3).
+"""Score SEED-Bench image questions: the choice with the highest mean log-probability is the answer
+(docs/official_behaviour.md#seed-bench).
 
     python evaluation/seed_bench/seed_bench_evaluate.py PRED --seed_bench_file SEED-Bench.json [--out results/seed]
 

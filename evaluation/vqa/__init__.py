@@ -1,1 +1,2 @@
-"""VQAv2 zero-shot with the official answer normalisation and accuracy (spec §8.4)."""
+"""VQAv2 zero-shot with the official answer normalisation and accuracy
+(docs/official_behaviour.md#benchmarks-without-official-code)."""

@@ -1,4 +1,5 @@
-"""Cook VQAv2 zero-shot prompts from the official questions file (spec §8.4): `Question: {question} Answer:`.
+"""Cook VQAv2 zero-shot prompts from the official questions file
+(docs/official_behaviour.md#benchmarks-without-official-code): `Question: {question} Answer:`.
 
 No `<grounding>` token: the answer is free text. Images follow the COCO layout named by the file's `data_subtype`:
 `<image_root>/<subtype>/COCO_<subtype>_<image_id:012d>.jpg` (val2014 for val). The test-dev questions file says

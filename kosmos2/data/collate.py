@@ -1,4 +1,5 @@
-"""One training sequence (`Sample`) and the collate shared by all three streams (spec §5.6).
+"""One training sequence (`Sample`) and the collate shared by all three streams
+(docs/official_behaviour.md#training-sequence).
 
 A sample is the *full* token list F with two masks over F: `image_mask` (True on image slots, filled with connector
 outputs by the model) and `loss_mask` (True where the *next* token is learned after the shift). Collate right-pads

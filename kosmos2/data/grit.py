@@ -1,4 +1,5 @@
-"""GRIT image-text samples (spec §5.4 + §5.6): TSV row -> `Sample` with the official sequence layout.
+"""GRIT image-text samples (docs/official_behaviour.md#grit-samples, #training-sequence): TSV row -> `Sample` with the
+official sequence layout.
 
     F = [<s>] + [<image>] x (1 + Q) + [</image>] + caption ids + [</s>]
 
@@ -78,7 +79,7 @@ class GritSampleMaker:
 
 
 def grit_sample(caption_ids: list[int], pixels: np.ndarray, tokenizer, num_image_slots: int) -> Sample:
-    """Assemble F and its masks (spec §5.6 table)."""
+    """Assemble F and its masks (the table of docs/official_behaviour.md#training-sequence)."""
     block, block_image_mask, block_loss_mask = training_image_block(tokenizer.boi, tokenizer.eoi, num_image_slots)
     return Sample(
         tokens=[tokenizer.bos] + block + caption_ids,

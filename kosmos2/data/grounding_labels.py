@@ -1,4 +1,5 @@
-"""GRIT grounding labels (spec §5.5): which caption spans get which boxes, and the token sequence with the boxes inserted.
+"""GRIT grounding labels (docs/official_behaviour.md#grounding-labels): which caption spans get which boxes, and the
+token sequence with the boxes inserted.
 
 Pipeline for one row:
   1. `usable_entries`: validate every annotation entry `[char_start, char_end, x1, y1, x2, y2, score]`, keep
@@ -7,12 +8,12 @@ Pipeline for one row:
   3. `token_span`: char span -> [first, last] token of the caption's spm pieces;
   4. `embed_boxes`: `<phrase> … </phrase><object><UL><LR>[</delimiter_of_multi_objects/><UL><LR>…]</object>`.
 
-Where the official code gives a well-formed result this module gives the same ids. Where it is defective (spec §11)
-we produce the well-formed result instead and say so in docs/data.md: one bad annotation entry drops that entry,
-not the row; nested spans are removed in phrase mode too; a span whose token range overlaps an earlier one is
-dropped (the official emits it without `<phrase>`); two char spans mapping to the same token span merge their
-boxes; spans are mapped to tokens by piece lengths, so a span starting or ending mid-word covers exactly the
-pieces it touches (the official asserts or pulls in the next token).
+Where the official code gives a well-formed result this module gives the same ids. Where it is defective
+(docs/official_behaviour.md#grit-label-defects) we produce the well-formed result instead and say so in docs/data.md:
+one bad annotation entry drops that entry, not the row; nested spans are removed in phrase mode too; a span whose token
+range overlaps an earlier one is dropped (the official emits it without `<phrase>`); two char spans mapping to the same
+token span merge their boxes; spans are mapped to tokens by piece lengths, so a span starting or ending mid-word covers
+exactly the pieces it touches (the official asserts or pulls in the next token).
 """
 from __future__ import annotations
 

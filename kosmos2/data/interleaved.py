@@ -1,4 +1,5 @@
-"""Interleaved image-text stream (our format; the official loader was never runnable, spec §5.8).
+"""Interleaved image-text stream (our format; the official loader was never runnable,
+docs/official_behaviour.md#interleaved-stream).
 
 Format: jsonl, one document per line, `{"items": [{"text": "…"}, {"image": "images/0001.jpg"}, {"text": "…"}, …]}`;
 image paths are relative to the interleaved data dir (the folder holding `json/train.json`). Every text item is
@@ -7,7 +8,8 @@ spm-encoded on its own; every image becomes `<image>` + Q slots + `</image>`. Th
 (the document ends before it), and at most max_image_num images are used.
 
 Loss mask: a position is learned iff its next token is not part of an image block — the same rule that gives
-the GRIT table of spec §5.6 (nothing is learned for `<image>`, slots or `</image>`; the text after an image is).
+the GRIT table of docs/official_behaviour.md#training-sequence (nothing is learned for `<image>`, slots or `</image>`;
+the text after an image is).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The training loader: three streams, one stream per micro-batch, checkpointable end to end (spec §5.9).
+"""The training loader: three streams, one stream per micro-batch, checkpointable end to end
+(docs/official_behaviour.md#stream-mixing).
 
     loader = build_train_loader(DataConfig(laion_data_dir=..., data_weights=(0, 8, 0), ...), tokenizer, rank, world_size)
     for batch in loader:                 # {"vl_laion": {...}} | {"gpt": {...}} | {"vl_interleaved": {...}}
@@ -38,7 +39,7 @@ STREAMS = ("vl_interleaved", "vl_laion", "gpt")  # order of --data-weights (inte
 
 @dataclass
 class DataConfig:
-    """Field names follow the official command-line flags (spec §6.1)."""
+    """Field names follow the official command-line flags (docs/official_behaviour.md#training-recipe)."""
     laion_data_dir: str | None = None
     data: str | None = None                       # text stream data dir
     interleaved_data_dir: str | None = None

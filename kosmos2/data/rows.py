@@ -1,4 +1,5 @@
-"""Parsing one GRIT TSV row (spec §5.2) into checked fields, with a named reason for everything that can be wrong.
+"""Parsing one GRIT TSV row (docs/official_behaviour.md#grit-tsv) into checked fields, with a named reason for
+everything that can be wrong.
 
 Every loader-side failure is a `BadSample(reason)`; the streams count reasons instead of crashing, and
 `data/check_tsv.py` reports the same reasons, because it calls exactly these functions.
@@ -84,7 +85,7 @@ def decode_image(image_b64: str) -> Image.Image:
     try:
         image.load()
         # upright pixels, and no orientation tag left for later steps: the crop correction and the transform then
-        # agree on the size (the official loader ignored EXIF, spec §11)
+        # agree on the size (the official loader ignored EXIF, docs/official_behaviour.md#grit-label-defects)
         image = ImageOps.exif_transpose(image).convert("RGB")
     except (OSError, ValueError, SyntaxError) as err:
         raise BadSample("broken_image", str(err)[:80])

@@ -222,7 +222,7 @@ def scene_caption(rng: random.Random, scene: Scene, low_score_prob: float, space
 
 
 def grit_record(rng: random.Random, scene: Scene, key: str, expression_frac: float, low_score_prob: float) -> dict:
-    """The img2dataset json of one sample, with the GRIT fields (spec §5.1)."""
+    """The img2dataset json of one sample, with the GRIT fields (docs/official_behaviour.md#grit-source-format)."""
     if rng.random() < expression_frac:
         caption, noun_chunks, ref_exps = expression_caption(rng, scene, low_score_prob)
     else:
@@ -253,7 +253,8 @@ FACTS = {
 
 
 def text_document(rng: random.Random) -> str:
-    """A few lines of plain text about the shapes world; lines are separated by newlines (spec §5.7)."""
+    """A few lines of plain text about the shapes world; lines are separated by newlines
+    (docs/official_behaviour.md#text-stream)."""
     lines = []
     for _ in range(rng.randint(2, 5)):
         kind, colour = rng.choice(SHAPES), rng.choice(sorted(COLOURS))

@@ -1,4 +1,5 @@
-"""Text-only stream (spec §5.7): `{"text": …}` jsonl documents packed into samples of <= tokens_per_sample tokens.
+"""Text-only stream (docs/official_behaviour.md#text-stream): `{"text": …}` jsonl documents packed into samples of <=
+tokens_per_sample tokens.
 
 Every non-empty line of a document becomes spm ids + `</line>`; the last line ends with `</s>` instead. Lines are
 packed greedily: a sample starts with `<s>` and takes whole lines while they fit; a line that cannot fit even

@@ -1,4 +1,4 @@
-"""The `xconnector` resampler (kosmos2-spec.md §1.6).
+"""The `xconnector` resampler (docs/official_behaviour.md#connector).
 
 dense (ViT width -> d) on every image token; 64 learned latent queries attend, in one multi-head cross-attention,
 to keys/values = [image tokens ; latent queries]. No LayerNorm, no residual, no FFN.

@@ -1,7 +1,8 @@
 """The Kosmos-2 text decoder: a 24-layer Magneto (sub-LN) transformer with fairseq sinusoidal positions.
 
 Parameter names are those of the official checkpoint under `gpt_model.decoder.` (torchscale `Decoder` + fairseq
-embeddings), so `load_state_dict(strict=True)` works on the released weights. Spec: kosmos2-spec.md §1.3.
+embeddings), so `load_state_dict(strict=True)` works on the released weights. Official behaviour:
+docs/official_behaviour.md#decoder.
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ class SelfAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
         self.inner_attn_ln = nn.LayerNorm(d, eps=cfg.layernorm_eps)
         # The official training forward ran xformers' memory-efficient kernel, which applies no attention dropout
-        # (spec §1.3); `decoder_attention_dropout` in cfg.extra re-enables it for experiments.
+        # (docs/official_behaviour.md#decoder); `decoder_attention_dropout` in cfg.extra re-enables it for experiments.
         self.dropout = float(cfg.extra.get("decoder_attention_dropout", 0.0))
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
@@ -249,7 +250,7 @@ class Decoder(nn.Module):
                 keep_from: int = 0) -> torch.Tensor:
         """Logits (or hidden states) [B,T,V]; with `keep_from` > 0 only for positions keep_from.. [B,T-keep_from,V]:
         the last layer then skips the queries, attention output, out_proj and FFN of the earlier positions (nothing
-        reads them: training batches learn nothing before `</image>`, spec §5.6)."""
+        reads them: training batches learn nothing before `</image>`, docs/official_behaviour.md#training-sequence)."""
         x = self.embed(tokens, image_features, image_mask, positions, cache)
         pad = tokens.eq(self.padding_idx)
         mask, is_causal = self._mask(pad, cache, tokens.shape[1])

@@ -1,7 +1,8 @@
 """Kosmos-2: image encoder -> xconnector -> image features written into the decoder's image slots.
 
 The module tree mirrors the official `UniGPTmodel` so the state dict keys are exactly those of `kosmos-2.pt`:
-`gpt_model.decoder.*`, `img_model.visual.*`, `img_connector.*` (kosmos2-spec.md §1.1, §2.2).
+`gpt_model.decoder.*`, `img_model.visual.*`, `img_connector.*` (docs/official_behaviour.md#model-composition,
+#checkpoint-layout).
 """
 from __future__ import annotations
 
@@ -68,8 +69,9 @@ class Kosmos2Model(nn.Module):
         """Logits [B,T,V] (or [B,1,V] with only_last; hidden states with return_hidden).
 
         `logits_mask` [B,T] bool: logits only at the marked positions, [N,V] in row-major order of the mask. Training
-        needs nothing else: the loss covers caption tokens only (spec §5.6), and in a GRIT sequence most positions are
-        the image slots, so this skips most of the vocabulary projection, its softmax and their gradients."""
+        needs nothing else: the loss covers caption tokens only (docs/official_behaviour.md#training-sequence), and in a
+        GRIT sequence most positions are the image slots, so this skips most of the vocabulary projection, its softmax
+        and their gradients."""
         if image_features is None and img_src_tokens is not None and img_src_tokens.numel() > 0:
             image_features = self.encode_images(img_src_tokens)
         if image_features is not None and img_gpt_input_mask is None:

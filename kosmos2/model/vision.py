@@ -2,7 +2,8 @@
 
 Names follow the official checkpoint (`img_model.visual.*`), whose attention is a torchscale module stored as
 `ts_attn.{q,k,v,out}_proj` instead of open_clip's fused `attn.in_proj_weight`. `load_open_clip_visual` maps an
-open_clip / OpenAI CLIP state dict (e.g. `ViT-L-14-sd.pt`) onto it. Spec: kosmos2-spec.md §1.5.
+open_clip / OpenAI CLIP state dict (e.g. `ViT-L-14-sd.pt`) onto it. Official behaviour:
+docs/official_behaviour.md#image-encoder.
 """
 from __future__ import annotations
 
