@@ -221,7 +221,8 @@ class CentreCrop:
     def view(self, rgb: Image.Image) -> Image.Image:
         """The S x S training view of `rgb` (which must be `width` x `height`)."""
         if rgb.size != (self.width, self.height):
-            raise ValueError(f"CentreCrop of a {self.width}x{self.height} image applied to a {rgb.size[0]}x{rgb.size[1]} one")
+            raise ValueError(f"this CentreCrop is for a {self.width}x{self.height} image, "
+                             f"got a {rgb.size[0]}x{rgb.size[1]} one")
         resized = rgb.resize(self.resized, Image.BICUBIC) if self.resized != rgb.size else rgb
         left, top = self.pixel_offset
         return resized.crop((left, top, left + self.size, top + self.size))

@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from kosmos2.data.collate import Sample, training_image_block
-from kosmos2.image import train_transform_numpy
 from kosmos2.data.rows import BadSample
+from kosmos2.image import train_transform_numpy
 
 
 class InterleavedDocMaker:
