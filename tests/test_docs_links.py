@@ -1,0 +1,43 @@
+"""Code and docs cite docs/official_behaviour.md by anchor: every cited anchor exists there, and nothing cites the
+reference notes that are not part of the repository."""
+import os
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "official_behaviour.md"
+SKIP = {"build", "dist", "output", "__pycache__", "node_modules"}
+# a citation: the path with its first anchor, then more anchors of the same file as `, #other` / ` and #other`
+CITATION = re.compile(r"official_behaviour\.md#([a-z0-9-]+)((?:(?:,| and) #[a-z0-9-]+)*)")
+
+
+def _sources():
+    for folder, subfolders, files in os.walk(ROOT):
+        # hidden folders (.git, .venv), build outputs and generated data hold nothing the project wrote
+        subfolders[:] = [d for d in subfolders if not d.startswith(".") and d not in SKIP
+                         and os.path.join(folder, d) != str(ROOT / "data" / "synthetic")]
+        for name in files:
+            path = Path(folder) / name
+            if path.suffix in {".py", ".md", ".sh", ".cpp", ".h"} and path != Path(__file__).resolve():
+                yield path.relative_to(ROOT), path.read_text(encoding="utf-8", errors="replace")
+
+
+def test_every_cited_anchor_exists():
+    anchors = set(re.findall(r'<a id="([a-z0-9-]+)"></a>', DOC.read_text(encoding="utf-8")))
+    assert {"loss-normalisation", "scorer-defects", "training-image-view"} <= anchors
+    missing, cited_files = [], set()
+    for rel, text in _sources():
+        for match in CITATION.finditer(text):
+            cited = [match.group(1)] + re.findall(r"#([a-z0-9-]+)", match.group(2))
+            missing += [f"{rel}: #{a}" for a in cited if a not in anchors]
+            cited_files.add(rel)
+    internal = re.findall(r"\]\(#([a-z0-9-]+)\)", DOC.read_text(encoding="utf-8"))
+    missing += [f"docs/official_behaviour.md: #{a}" for a in internal if a not in anchors]
+    assert len(cited_files) > 40 and internal  # the scan saw the citations
+    assert not missing, f"anchors cited but not defined in docs/official_behaviour.md: {missing}"
+
+
+def test_no_citation_of_notes_outside_the_repository():
+    stale = [f"{rel}:{n}" for rel, text in _sources() for n, line in enumerate(text.splitlines(), 1)
+             if re.search(r"kosmos2-spec|hf-port-and-user-asks|\bspec §|§\d", line)]
+    assert not stale, f"cite docs/official_behaviour.md#<anchor> instead: {stale}"
