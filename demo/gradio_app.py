@@ -17,7 +17,6 @@ import argparse
 import logging
 import os
 import random
-import re
 import sys
 import time
 import traceback
@@ -30,7 +29,7 @@ from PIL import Image
 from kosmos2.api import Kosmos2
 from kosmos2.data import synthetic
 from kosmos2.generation import DEFAULT_MAX_LEN_B, GenerationConfig, generation_budgets
-from kosmos2.grounding import normalise_box
+from kosmos2.grounding import BoxError, normalise_box, parse_box
 from kosmos2.image import DEFAULT_MAX_PIXELS, ImageSizeError, load_image
 from kosmos2.templates import DEFAULT_REG_TEMPLATE
 from kosmos2.visualize import draw_entities, entity_colors, to_hex
@@ -231,16 +230,12 @@ def _ground(model, path, name, prompt, grounding, sampling, top_p, temperature, 
 
 def parse_box_text(text: str | None) -> tuple[float, float, float, float]:
     """'x1, y1, x2, y2' (commas and/or spaces) -> four numbers; DemoError says how to give a box."""
-    parts = [p for p in re.split(r"[,\s]+", (text or "").strip().strip("()[]")) if p]
-    if not parts:
+    if not (text or "").strip():
         raise DemoError(f"No box yet. {BOX_HELP}")
     try:
-        values = tuple(float(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 4:
-        raise DemoError(f"The box {text.strip()!r} is not four numbers x1, y1, x2, y2 (pixels). {BOX_HELP}")
-    return values
+        return parse_box(text)
+    except BoxError as e:
+        raise DemoError(f"The box {text.strip()!r} is not four numbers x1, y1, x2, y2 (pixels). {BOX_HELP}") from e
 
 
 def format_box(box) -> str:

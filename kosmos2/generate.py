@@ -106,13 +106,12 @@ def annotated_paths(out: str, count: int) -> list[Path]:
 
 
 def parse_box(text: str) -> tuple[float, ...]:
+    from .grounding import BoxError, parse_box as parse
+
     try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 4:
-        raise ValueError(f"--box {text!r}: expected four comma-separated numbers x1,y1,x2,y2")
-    return values
+        return parse(text)
+    except BoxError:
+        raise ValueError(f"--box {text!r}: expected four comma-separated numbers x1,y1,x2,y2") from None
 
 
 def boxes_for_images(args) -> list:

@@ -116,6 +116,18 @@ class BoxError(ValueError):
         self.reason = reason
 
 
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """Typed box 'x1, y1, x2, y2' (commas and/or spaces, optional brackets) -> four numbers; BoxError otherwise."""
+    parts = [p for p in re.split(r"[,\s]+", str(text).strip().strip("()[]")) if p]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise BoxError("malformed", f"the box {str(text).strip()!r} is not four numbers x1, y1, x2, y2")
+    return values
+
+
 def normalise_box(box: Sequence[float], box_format: str = "xyxy_norm", image_size: tuple[int, int] | None = None,
                   slack: float = 0.0) -> Box:
     """A user's box -> checked, normalised (x1, y1, x2, y2). Raises BoxError (a ValueError) saying what is wrong.

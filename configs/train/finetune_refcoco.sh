@@ -24,12 +24,7 @@ TOKENIZER_DIR="${TOKENIZER_DIR:-data}"
 SAVE_DIR="${SAVE_DIR:-output/refcoco}"
 MAX_UPDATE="${MAX_UPDATE:-5000}"
 LR="${LR:-1e-5}"
-case "${PRECISION:-bf16}" in
-  bf16) PRECISION_FLAGS="--bf16 --optimizer torch_adamw" ;;
-  fp16) PRECISION_FLAGS="--memory-efficient-fp16 --fp16-init-scale 4 --fp16-scale-window 256 --min-loss-scale 0.0001 --optimizer adam" ;;
-  fp32) PRECISION_FLAGS="--optimizer torch_adamw" ;;
-  *) echo "PRECISION must be bf16, fp16 or fp32" >&2; exit 2 ;;
-esac
+PRECISION_FLAGS=$(bash "$(dirname "${BASH_SOURCE[0]}")/precision_flags.sh")
 
 # the positional data dir is the text stream's, unused with these weights
 echo "$INSTRUCTION_DATA_DIR" \

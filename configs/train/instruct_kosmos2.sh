@@ -35,12 +35,7 @@ GPUS="${GPUS:-8}"
 DATA_WEIGHTS="${DATA_WEIGHTS:-15,117,30,195}"
 MICRO_BATCHES_PER_UPDATE=357  # 15 + 117 + 30 + 195
 UPDATE_FREQ=$(( (MICRO_BATCHES_PER_UPDATE + GPUS - 1) / GPUS ))
-case "${PRECISION:-bf16}" in
-  bf16) PRECISION_FLAGS="--bf16 --optimizer torch_adamw" ;;
-  fp16) PRECISION_FLAGS="--memory-efficient-fp16 --fp16-init-scale 4 --fp16-scale-window 256 --min-loss-scale 0.0001 --optimizer adam" ;;
-  fp32) PRECISION_FLAGS="--optimizer torch_adamw" ;;
-  *) echo "PRECISION must be bf16, fp16 or fp32" >&2; exit 2 ;;
-esac
+PRECISION_FLAGS=$(bash "$(dirname "${BASH_SOURCE[0]}")/precision_flags.sh")
 
 echo "$TEXT_DATA_DIR" \
   --task image_gpt_interleaved_laion_obj --tokens-per-sample 2048 --criterion unigpt --arch unigptmodel_xl \

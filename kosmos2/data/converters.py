@@ -212,10 +212,10 @@ def mdetr_records(data: dict) -> Iterator[tuple[dict, list[dict]]]:
 COCO_FOLDERS = ("train2014", "val2014")
 
 
-def refexp_records(path, image_root: Path, encode: ImageEncoder, dropped: Counter) -> Iterator[str | Skip]:
-    """MDETR RefCOCO / RefCOCO+ / RefCOCOg: one row per expression (an `images` entry whose `caption` is the
-    expression), the whole expression grounded to the referred object's box (REC: expression -> box; REG: the
-    instruction stream's Table 9 templates turn it around). Images: image_root/file_name or image_root/train2014/..."""
+def mdetr_rows(path, image_root: Path, encode: ImageEncoder, dropped: Counter, entries_of,
+               subfolders: Iterable[str] = ()) -> Iterator[str | Skip]:
+    """One GRIT row per `images` entry of an MDETR file: its caption, its image, and the annotation entries
+    `entries_of(caption, annotations, image size, dropped)` makes of its boxes."""
     for image, annotations in mdetr_records(json.loads(Path(path).read_text(encoding="utf-8"))):
         try:
             caption = image.get("caption") if isinstance(image, dict) else None
@@ -223,10 +223,8 @@ def refexp_records(path, image_root: Path, encode: ImageEncoder, dropped: Counte
                 raise Skip("empty_caption")
             if not annotations:
                 raise Skip("no_annotations")
-            file = find_image(image_root, image.get("file_name"), COCO_FOLDERS)
-            size = annotation_size(image, file)
-            start, end = len(caption) - len(caption.lstrip()), len(caption.rstrip())
-            entries = [e for e in (box_entry(start, end, ann.get("bbox"), "xywh_px", size, dropped) for ann in annotations) if e]
+            file = find_image(image_root, image.get("file_name"), subfolders)
+            entries = entries_of(caption, annotations, annotation_size(image, file), dropped)
             if not entries:
                 raise Skip("no_usable_box")
             yield grit_line(caption, file, entries, encode)
@@ -234,34 +232,36 @@ def refexp_records(path, image_root: Path, encode: ImageEncoder, dropped: Counte
             yield skip
 
 
+def refexp_records(path, image_root: Path, encode: ImageEncoder, dropped: Counter) -> Iterator[str | Skip]:
+    """MDETR RefCOCO / RefCOCO+ / RefCOCOg: one row per expression (an `images` entry whose `caption` is the
+    expression), the whole expression grounded to the referred object's box (REC: expression -> box; REG: the
+    instruction stream's Table 9 templates turn it around). Images: image_root/file_name or image_root/train2014/..."""
+    def whole_expression(caption, annotations, size, dropped):
+        start, end = len(caption) - len(caption.lstrip()), len(caption.rstrip())
+        entries = (box_entry(start, end, ann.get("bbox"), "xywh_px", size, dropped) for ann in annotations)
+        return [e for e in entries if e]
+
+    return mdetr_rows(path, image_root, encode, dropped, whole_expression, COCO_FOLDERS)
+
+
 def flickr_records(path, image_root: Path, encode: ImageEncoder, dropped: Counter) -> Iterator[str | Skip]:
     """MDETR Flickr30k Entities (`final_flickr_separateGT_*.json`): one row per (image, sentence); every annotation's
     box grounds each of its `tokens_positive` character spans of the caption (phrase grounding)."""
-    for image, annotations in mdetr_records(json.loads(Path(path).read_text(encoding="utf-8"))):
-        try:
-            caption = image.get("caption") if isinstance(image, dict) else None
-            if not isinstance(caption, str) or not caption.strip():
-                raise Skip("empty_caption")
-            if not annotations:
-                raise Skip("no_annotations")
-            file = find_image(image_root, image.get("file_name"))
-            size = annotation_size(image, file)
-            entries = []
-            for ann in annotations:
-                for span in ann.get("tokens_positive") or []:
-                    try:
-                        start, end = checked_span(span, caption)
-                    except ValueError as err:
-                        dropped[str(err)] += 1
-                        continue
-                    entry = box_entry(start, end, ann.get("bbox"), "xywh_px", size, dropped)
-                    if entry:
-                        entries.append(entry)
-            if not entries:
-                raise Skip("no_usable_box")
-            yield grit_line(caption, file, sorted(entries), encode)
-        except Skip as skip:
-            yield skip
+    def phrases(caption, annotations, size, dropped):
+        entries = []
+        for ann in annotations:
+            for span in ann.get("tokens_positive") or []:
+                try:
+                    start, end = checked_span(span, caption)
+                except ValueError as err:
+                    dropped[str(err)] += 1
+                    continue
+                entry = box_entry(start, end, ann.get("bbox"), "xywh_px", size, dropped)
+                if entry:
+                    entries.append(entry)
+        return sorted(entries)
+
+    return mdetr_rows(path, image_root, encode, dropped, phrases)
 
 
 # ----------------------------------------------------------------------------------------------------------- chat
