@@ -93,6 +93,8 @@ class ImageGptInterleavedLaionObjTask(FairseqTask):
             raise ValueError("--dict-path and --spm-model are required: the dict.txt and sentencepiece.bpe.model of the "
                              "vocabulary (released: kosmos-2/data/; tiny: data/synthetic/tokenizer/)")
         parse_data_weights(cfg.data_weights)  # fail at start-up, not at the first batch
+        if not 0.0 <= cfg.grounded_rec_prob <= 1.0:
+            raise ValueError(f"--grounded-rec-prob {cfg.grounded_rec_prob}: a probability within [0, 1]")
         tokenizer = Kosmos2Tokenizer.from_files(cfg.spm_model, cfg.dict_path, location_bin_size=cfg.quantized_size)
         logger.info("dictionary: %d types (%s)", len(tokenizer.dictionary), cfg.dict_path)
         return cls(cfg, tokenizer)
