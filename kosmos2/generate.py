@@ -172,7 +172,7 @@ def run(args) -> list[dict]:
                       num_beams=args.beam, do_sample=args.sample, top_p=args.top_p if args.sample else 1.0,
                       temperature=args.temperature if args.sample else 1.0, seed=args.seed,
                       semantics=args.semantics, no_repeat_ngram_size=args.no_repeat_ngram_size)
-    describing = args.box and args.prompt is None
+    describing = bool(args.box) and args.prompt is None
     if describing:
         results = model.describe([images[0] for images, _ in rows], boxes, box_format=args.box_format,
                                  template=args.template, **generation)
