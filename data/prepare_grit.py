@@ -20,8 +20,6 @@ printed as JSON at the end.
 from __future__ import annotations
 
 import argparse
-import base64
-import hashlib
 import io
 import json
 import os
@@ -33,6 +31,9 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from kosmos2.data.rows import format_grit_row  # noqa: E402
 
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "grit_{:05d}.tsv"
@@ -96,11 +97,6 @@ def read_tar_sample(tar: tarfile.TarFile, names: set[str], key: str) -> tuple[by
     return meta, None
 
 
-def clean_caption(caption: str) -> str:
-    """The TSV has no escaping: a tab or newline would split the row. Same-length replacement keeps char spans valid."""
-    return caption.replace("\t", " ").replace("\n", " ").replace("\r", " ")
-
-
 def upright_image(image: Image.Image, width: int, height: int) -> tuple[Image.Image, bool]:
     """Apply the EXIF rotation only when it is what makes the pixels match the json's width/height."""
     if image.size == (width, height):
@@ -121,7 +117,7 @@ def make_row(meta_bytes: bytes, image_bytes: bytes | None) -> tuple[str, bool]:
         raise SampleSkipped("missing_image")
     if meta.get("status", "success") != "success":
         raise SampleSkipped("download_failed")
-    caption = clean_caption(str(meta.get("caption") or ""))
+    caption = str(meta.get("caption") or "")
     if not caption.strip():
         raise SampleSkipped("empty_caption")
     try:
@@ -133,12 +129,9 @@ def make_row(meta_bytes: bytes, image_bytes: bytes | None) -> tuple[str, bool]:
     image, _ = upright_image(image, int(width), int(height))
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="JPEG")
-    jpeg = buffer.getvalue()
-    columns = [hashlib.md5(jpeg).hexdigest(), caption, base64.b64encode(jpeg).decode("ascii"), str(int(width)), str(int(height))]
     has_grit = "noun_chunks" in meta or "ref_exps" in meta
-    if has_grit:
-        columns.append(str({"phrase": meta.get("noun_chunks") or [], "expression_v1": meta.get("ref_exps") or []}))
-    return "\t".join(columns), has_grit
+    annotations = {"phrase": meta.get("noun_chunks"), "expression_v1": meta.get("ref_exps")} if has_grit else None
+    return format_grit_row(caption, buffer.getvalue(), int(width), int(height), annotations), has_grit
 
 
 def write_shard(job: tuple[int, list[tuple[str, str]], str]) -> dict:

@@ -1,7 +1,10 @@
 """Local Gradio demo of Kosmos-2 grounding (docs/official_behaviour.md#demo, #prompt-layout, #official-decoding,
 #output-decoding, #box-drawing): `bash run_gradio.sh [--checkpoint PATH]`.
 
-The page is UI wiring only: generation is `kosmos2.api.Kosmos2.ground`, images are read by `kosmos2.image.load_image`
+Two modes: **Ground** (a prompt; phrases of the answer linked to boxes) and **Refer** (a box drawn by clicking two
+corners on the image, or typed; the model says what is in it).
+
+The page is UI wiring only: generation is `kosmos2.api.Kosmos2.ground` / `.describe`, images are read by `kosmos2.image.load_image`
 (its errors are what the page shows) and boxes are drawn by `kosmos2.visualize.draw_entities`, whose colours
 (`entity_colors`) also highlight the grounded phrases in the caption.
 
@@ -27,7 +30,9 @@ from PIL import Image
 from kosmos2.api import Kosmos2
 from kosmos2.data import synthetic
 from kosmos2.decoding import DEFAULT_MAX_LEN_B, GenerationConfig, generation_budgets
+from kosmos2.grounding import BoxError, normalise_box, parse_box
 from kosmos2.image import DEFAULT_MAX_PIXELS, ImageSizeError, load_image
+from kosmos2.templates import DEFAULT_REG_TEMPLATE
 from kosmos2.visualize import draw_entities, entity_colors, to_hex
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +45,17 @@ PRESETS = {  # the official demo's two prompt choices (docs/official_behaviour.m
     "Detailed": "<grounding>Describe this image in detail:",
 }
 CUSTOM = "Custom"
+GROUND, REFER = "Ground", "Refer"
+# Refer mode's questions: the REG templates of the paper's Table 9 (kosmos2.templates), as the page shows them
+REFER_QUESTIONS = [
+    ("It is …  (the paper's REG prompt)", "reg_it_is"),
+    ("What is it? It is …", "reg_what_is_it"),
+    ("What is this? This is …", "reg_what_is_this"),
+    ("Describe this object. This object is …", "reg_describe"),
+    ("This is …", "reg_this_is"),
+    ("The object is …", "reg_the_object_is"),
+]
+BOX_HELP = "Click two opposite corners on the image below, or type x1, y1, x2, y2 in pixels."
 # load_image accepts 1x1 images; nothing can be grounded in them, so the page asks for a real picture.
 MIN_IMAGE_SIDE = 16
 # The official demo's sampling defaults (docs/official_behaviour.md#official-decoding) and a max-token default that
@@ -212,6 +228,92 @@ def _ground(model, path, name, prompt, grounding, sampling, top_p, temperature, 
             result.raw, result.to_json(), status)
 
 
+# ----------------------------------------------------------------------------------------------- Refer mode
+
+def parse_box_text(text: str | None) -> tuple[float, float, float, float]:
+    """'x1, y1, x2, y2' (commas and/or spaces) -> four numbers; DemoError says how to give a box."""
+    if not (text or "").strip():
+        raise DemoError(f"No box yet. {BOX_HELP}")
+    try:
+        return parse_box(text)
+    except BoxError as e:
+        raise DemoError(f"The box {text.strip()!r} is not four numbers x1, y1, x2, y2 (pixels). {BOX_HELP}") from e
+
+
+def format_box(box) -> str:
+    return ", ".join(f"{v:g}" for v in box)
+
+
+def refer_preview(path, box_text: str | None, corner=None):
+    """The image with the box being drawn (or the first clicked corner); the plain image if the box does not parse."""
+    if path is None:
+        return None
+    try:
+        image = load_image(path, min_size=MIN_IMAGE_SIDE)
+    except (OSError, ValueError):
+        return None
+    try:
+        box = normalise_box(parse_box_text(box_text), "xyxy_px", image.size)
+    except (DemoError, ValueError):
+        box = None
+    entities = [("", (0, 0), [box])] if box else []
+    if corner is not None:  # a small square at the first corner until the second click
+        x, y = corner
+        r = max(2, min(image.size) // 64)
+        entities.append(("", (0, 0), [normalise_box((max(x - r, 0), max(y - r, 0), min(x + r, image.width),
+                                                      min(y + r, image.height)), "xyxy_px", image.size)]))
+    return draw_entities(image, entities, show_labels=False) if entities else image
+
+
+def click_corner(path, corner, evt: gr.SelectData):
+    """A click on the preview (pixel coordinates of the image): the first click is one corner, the second closes the
+    box (any two opposite corners). -> (box text, pending corner, preview)."""
+    x, y = evt.index
+    if corner is None:
+        return gr.update(), (x, y), refer_preview(path, None, (x, y))
+    box = (min(corner[0], x), min(corner[1], y), max(corner[0], x), max(corner[1], y))
+    text = format_box(box)
+    return text, None, refer_preview(path, text)
+
+
+def run_refer(model, image, box_text: str, template: str, sampling: bool, top_p: float, temperature: float,
+              max_new_tokens: float, progress=None):
+    """Submit callback in Refer mode: the same five outputs as `run_grounding`, the answer being the description."""
+    progress = progress or gr.Progress()
+    try:
+        return _refer(model, *uploaded_file(image), box_text, template, sampling, top_p, temperature,
+                      int(max_new_tokens), progress)
+    except DemoError as e:
+        raise gr.Error(str(e), print_exception=False) from None
+    except Exception as e:
+        log.error("generation failed:\n%s", traceback.format_exc())
+        raise gr.Error(f"Generation failed: {type(e).__name__}: {e}", print_exception=False) from None
+
+
+def _refer(model, path, name, box_text, template, sampling, top_p, temperature, max_new_tokens, progress):
+    progress(0.0, desc="Reading the image")
+    image = read_image(path, name)
+    box = parse_box_text(box_text)
+    try:
+        normalise_box(box, "xyxy_px", image.size)
+    except ValueError as e:  # outside the image, x2 < x1, zero area: the library's words, in pixels of this image
+        raise DemoError(f"{e}. {BOX_HELP}") from e
+    progress(0.1, desc=f"Describing the box (up to {max_new_tokens} tokens)")
+    started = time.perf_counter()
+    try:
+        result = model.describe(image, box, box_format="xyxy_px", template=template or DEFAULT_REG_TEMPLATE,
+                                max_new_tokens=max_new_tokens, do_sample=bool(sampling), top_p=float(top_p),
+                                temperature=float(temperature))
+    except ValueError as e:
+        raise DemoError(str(e)) from e
+    seconds = time.perf_counter() - started
+    progress(0.9, desc="Drawing the box")
+    segments, colors = highlight(result)
+    status = " ".join([timing_line(result, seconds, model), f"Box ({format_box(box)}) px.", *image_notes(path)])
+    return (draw_entities(image, result.entities), gr.HighlightedText(value=segments, color_map=colors),
+            result.raw, result.to_json(), status)
+
+
 # ----------------------------------------------------------------------------------------------- examples
 
 def make_examples(folder: Path = EXAMPLES_DIR, count: int = 4, size: int = 256, seed: int = 0) -> list[Path]:
@@ -234,15 +336,27 @@ def make_examples(folder: Path = EXAMPLES_DIR, count: int = 4, size: int = 256, 
 def build_demo(model, examples: list[Path] = (), title: str = "Kosmos-2: grounded captions"):
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(f"# {title}\nUpload an image, choose a prompt and press **Submit**: phrases of the answer are "
-                    "linked to boxes (same colour in the text and on the image).")
+                    "linked to boxes (same colour in the text and on the image). **Refer** mode asks instead what is "
+                    "in a box you draw on the image.")
         with gr.Row():
             with gr.Column():
                 image = gr.Image(label="Image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
                                  elem_id="input-image")
-                preset = gr.Radio([*PRESETS, CUSTOM], value="Brief", label="Prompt", elem_id="preset")
-                prompt = gr.Textbox(value=PRESETS["Brief"], label="Prompt text", lines=2, elem_id="prompt")
-                grounding = gr.Checkbox(value=True, label="Grounding (<grounding> tag: link phrases to boxes)",
-                                        elem_id="grounding")
+                mode = gr.Radio([GROUND, REFER], value=GROUND, label="Mode", elem_id="mode",
+                                info="Ground: a prompt, phrases linked to boxes. Refer: what is in a box?")
+                with gr.Group(visible=True) as ground_controls:
+                    preset = gr.Radio([*PRESETS, CUSTOM], value="Brief", label="Prompt", elem_id="preset")
+                    prompt = gr.Textbox(value=PRESETS["Brief"], label="Prompt text", lines=2, elem_id="prompt")
+                    grounding = gr.Checkbox(value=True, label="Grounding (<grounding> tag: link phrases to boxes)",
+                                            elem_id="grounding")
+                with gr.Group(visible=False) as refer_controls:
+                    box = gr.Textbox(label="Box (x1, y1, x2, y2 in pixels)", placeholder=BOX_HELP, elem_id="box")
+                    question = gr.Dropdown(REFER_QUESTIONS, value=DEFAULT_REG_TEMPLATE, label="Question",
+                                           elem_id="refer-question")
+                    # PNG: the drawn box keeps its exact colour; clicks on it give pixel coordinates of the upload
+                    preview = gr.Image(label="Click two corners of the box", type="pil", format="png",
+                                       interactive=False, elem_id="refer-preview")
+                corner = gr.State(None)  # the first clicked corner, until the second click
                 with gr.Accordion("Decoding", open=False):
                     sampling = gr.Checkbox(value=False, label="Sampling (else greedy, as the official demo)")
                     top_p = gr.Slider(0.05, 1.0, value=DEFAULT_TOP_P, step=0.05, label="top-p")
@@ -263,15 +377,30 @@ def build_demo(model, examples: list[Path] = (), title: str = "Kosmos-2: grounde
         preset.change(preset_prompt, [preset, prompt, grounding], prompt, queue=False)
         prompt.input(preset_of, prompt, preset, queue=False)
         grounding.change(with_grounding, [prompt, grounding], prompt, queue=False)
+        mode.change(lambda m: (gr.Group(visible=m == GROUND), gr.Group(visible=m == REFER)), mode,
+                    [ground_controls, refer_controls], queue=False)
+        # the preview follows the upload and the typed box; preprocess=False hands over the upload's path (as Submit)
+        image.change(lambda path: (refer_preview(uploaded_file(path)[0], None), None, ""), image,
+                     [preview, corner, box], queue=False, preprocess=False)
+        box.change(lambda path, text: (refer_preview(uploaded_file(path)[0], text), None), [image, box],
+                   [preview, corner], queue=False, preprocess=False)
+
+        def on_click(path, pending, evt: gr.SelectData):  # gradio passes the click for a SelectData argument
+            return click_corner(uploaded_file(path)[0], pending, evt)
+
+        preview.select(on_click, [image, corner], [box, corner, preview], queue=False, preprocess=False)
         outputs = [annotated, caption, raw, entities, status]
 
         # gradio shows a progress bar for functions whose signature has a gr.Progress default
-        def on_submit(image, prompt, grounding, sampling, top_p, temperature, max_tokens, progress=gr.Progress()):
+        def on_submit(mode, image, prompt, grounding, box, question, sampling, top_p, temperature, max_tokens,
+                      progress=gr.Progress()):
+            if mode == REFER:
+                return run_refer(model, image, box, question, sampling, top_p, temperature, max_tokens, progress)
             return run_grounding(model, image, prompt, grounding, sampling, top_p, temperature, max_tokens, progress)
 
         # preprocess=False: the callback gets the upload's path, so broken files reach our loader (see upload_path)
-        submit.click(on_submit, [image, prompt, grounding, sampling, top_p, temperature, max_tokens], outputs,
-                     preprocess=False)
+        submit.click(on_submit, [mode, image, prompt, grounding, box, question, sampling, top_p, temperature,
+                                 max_tokens], outputs, preprocess=False)
     return demo
 
 

@@ -1,9 +1,11 @@
 """Drive the demo in headless Chromium: the README screenshot, and the helpers the browser tests use.
 
     python -m demo.screenshot --out docs/demo_screenshot.png [--checkpoint PATH] [--image PATH] [--prompt TEXT]
+    python -m demo.screenshot --out docs/demo_refer_screenshot.png --refer 20,40,120,140     # Refer mode, a box
 
 It starts `python -m demo.gradio_app` on a free loopback port, uploads the image (default: the first generated
-example), presses Submit, waits for the answer and saves a full-page screenshot. The browser is Debian's `chromium`
+example), presses Submit (in Refer mode after drawing the box by clicking its two corners on the image), waits for
+the answer and saves a full-page screenshot. The browser is Debian's `chromium`
 driven by Playwright (`pip install playwright`; Playwright's own browser download is not used). Every wait is bounded.
 """
 from __future__ import annotations
@@ -189,6 +191,47 @@ def highlighted_phrases(page) -> list[tuple[str, str]]:
             for i in range(tokens.count())]
 
 
+def set_mode(page, mode: str) -> None:
+    """'Ground' or 'Refer' (the radio at the top of the input column)."""
+    page.locator("#mode").get_by_label(mode, exact=True).check()
+    target = "#refer-preview" if mode == "Refer" else "#prompt"
+    page.wait_for_selector(target, state="visible")
+
+
+def type_box(page, text: str) -> None:
+    box = page.locator("#box textarea, #box input").first
+    box.fill(text)
+    box.dispatch_event("input")
+    box.blur()  # the box's change event redraws the preview
+
+
+_PREVIEW_SHOWS_BOX = """(expected) => {
+    const box = document.querySelector('#box textarea, #box input');
+    return box !== null && box.value === expected;
+}"""
+
+
+def click_corners(page, first: tuple[int, int], second: tuple[int, int]) -> str:
+    """Click two corners (pixel coordinates of the uploaded image) on the Refer preview; returns the box text the page
+    then shows. The page maps a click back to image pixels the way gradio does (image scaled to fit, centred, never
+    enlarged), so the click position is computed the same way."""
+    image = page.locator("#refer-preview img")
+    image.wait_for(state="visible")
+    page.wait_for_function("() => { const i = document.querySelector('#refer-preview img'); return i && i.complete "
+                           "&& i.naturalWidth > 0; }")
+    for x, y in (first, second):
+        rect = image.evaluate("i => { const r = i.getBoundingClientRect(); return [r.left, r.top, r.width, r.height, "
+                              "i.naturalWidth, i.naturalHeight]; }")
+        left, top, width, height, natural_w, natural_h = rect
+        scale = min(width / natural_w, height / natural_h, 1)
+        offset_x, offset_y = (width - natural_w * scale) / 2, (height - natural_h * scale) / 2
+        page.mouse.click(left + offset_x + (x + 0.5) * scale, top + offset_y + (y + 0.5) * scale)
+        page.wait_for_timeout(300)  # the click's event round trip redraws the preview
+    expected = f"{min(first[0], second[0])}, {min(first[1], second[1])}, {max(first[0], second[0])}, {max(first[1], second[1])}"
+    page.wait_for_function(_PREVIEW_SHOWS_BOX, arg=expected)
+    return expected
+
+
 def show_raw_output(page) -> None:
     page.get_by_text("Raw output and entities").click()
     page.wait_for_selector("#raw textarea")
@@ -203,6 +246,8 @@ def main(argv=None) -> None:
     parser.add_argument("--image", type=Path, help="default: the first generated example image")
     parser.add_argument("--prompt", help="default: the page's default (the Brief preset)")
     parser.add_argument("--raw", action="store_true", help="open the raw output / entities accordion too")
+    parser.add_argument("--refer", metavar="X1,Y1,X2,Y2", help="Refer mode: draw this box (pixels of the image) by "
+                                                               "clicking its corners, then ask what it is")
     args = parser.parse_args(argv)
     executable = find_chromium()
     if executable is None:
@@ -213,6 +258,10 @@ def main(argv=None) -> None:
         with demo_server(args.checkpoint, log_path) as url, chromium_page(executable, height=1000) as page:
             open_demo(page, url)
             upload(page, image)
+            if args.refer:
+                x1, y1, x2, y2 = (int(float(v)) for v in args.refer.split(","))
+                set_mode(page, "Refer")
+                print("box:", click_corners(page, (x1, y1), (x2, y2)))
             if args.prompt:
                 set_prompt(page, args.prompt)
             print(submit_and_wait(page))

@@ -20,7 +20,8 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 
 # loader batch key -> the official loss name (docs/official_behaviour.md#logged-losses)
-LOSS_NAMES = {"vl_laion": "image_laion", "gpt": "gpt", "vl_interleaved": "image_interleaved"}
+LOSS_NAMES = {"vl_laion": "image_laion", "gpt": "gpt", "vl_interleaved": "image_interleaved",
+              "vl_instruction": "instruction"}  # the last is ours: the official code had no instruction stream
 
 
 @dataclass

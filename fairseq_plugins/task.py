@@ -2,7 +2,8 @@
 (docs/official_behaviour.md#stream-mixing, #training-recipe).
 
 Every flag of the official train.sh is accepted with working semantics:
-* the three streams (interleaved, GRIT, text) are mixed per micro-batch by `--data-weights` (seeded, checkpointed);
+* the streams (interleaved, GRIT, text, and our instruction stream) are mixed per micro-batch by `--data-weights`
+  (seeded, checkpointed); the official three-weight form means what it always meant;
 * the data iterator state of *every* rank goes into `extra_state["train_iterator"]` of each checkpoint, so a resumed
   run continues with exactly the batches an uninterrupted run would have seen; `--reset-dataloader` ignores it;
 * `--init-from-file` initialises from the released `kosmos-2.pt`, any of our checkpoints or a converted HF folder,
@@ -25,7 +26,7 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
 from kosmos2.checkpoint import TIED_KEYS, UNUSED_OFFICIAL_KEYS, load_state
-from kosmos2.data.mixing import STREAMS, DataConfig, build_train_loader
+from kosmos2.data.mixing import OFFICIAL_STREAMS, STREAMS, DataConfig, build_train_loader
 from kosmos2.tokenizer import Kosmos2Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,14 @@ class ImageGptInterleavedLaionObjConfig(FairseqDataclass):
     laion_batch_size: int = field(default=6, metadata={"help": "GRIT micro-batch size"})
     interleaved_data_dir: Optional[str] = field(default=None, metadata={"help": "interleaved jsonl dir"})
     interleaved_batch_size: int = field(default=1, metadata={"help": "interleaved micro-batch size"})
-    data_weights: str = field(default="0,8,0", metadata={"help": "stream weights: interleaved,GRIT,text"})
+    instruction_data_dir: Optional[str] = field(default=None, metadata={
+        "help": "instruction stream dir (chat jsonl and/or GRIT shards for Table 9 grounded instructions; holds "
+                "json/train.json)"})
+    instruction_batch_size: int = field(default=1, metadata={"help": "instruction micro-batch size"})
+    grounded_rec_prob: float = field(default=0.5, metadata={
+        "help": "instruction stream, GRIT sources: probability of a REC instruction (else one of the REG templates)"})
+    data_weights: str = field(default="0,8,0", metadata={
+        "help": "stream weights: interleaved,GRIT,text[,instruction] (three weights: no instruction stream)"})
     batch_read_ahead: int = field(default=100, metadata={"help": "blockwise shuffle window (samples); 0 = no shuffle"})
     phrase_mode: str = field(default="expression", metadata={"help": "'expression' (ref_exps) or 'phrase' (noun chunks)"})
     quantized_size: int = field(default=32, metadata={"help": "location bins per side (32 -> 1024 <patch_index_*>)"})
@@ -61,14 +69,15 @@ class ImageGptInterleavedLaionObjConfig(FairseqDataclass):
     update_freq: List[int] = II("optimization.update_freq")
 
 
-def parse_data_weights(text: str) -> tuple[float, float, float]:
+def parse_data_weights(text: str) -> tuple[float, ...]:
     try:
         weights = tuple(float(w) for w in str(text).split(","))
     except ValueError:
         weights = ()
-    if len(weights) != len(STREAMS) or min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(f"--data-weights {text!r}: expected three non-negative numbers 'interleaved,GRIT,text' with a "
-                         f"positive sum, e.g. '0,8,0' (GRIT only, the official recipe) or '1,8,2'")
+    if len(weights) not in (OFFICIAL_STREAMS, len(STREAMS)) or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"--data-weights {text!r}: expected three non-negative numbers 'interleaved,GRIT,text' (or four: "
+                         f"'interleaved,GRIT,text,instruction') with a positive sum, e.g. '0,8,0' (GRIT only, the "
+                         f"official recipe), '1,8,2' or '1,8,2,4'")
     return weights
 
 
@@ -85,6 +94,8 @@ class ImageGptInterleavedLaionObjTask(FairseqTask):
             raise ValueError("--dict-path and --spm-model are required: the dict.txt and sentencepiece.bpe.model of the "
                              "vocabulary (released: kosmos-2/data/; tiny: data/synthetic/tokenizer/)")
         parse_data_weights(cfg.data_weights)  # fail at start-up, not at the first batch
+        if not 0.0 <= cfg.grounded_rec_prob <= 1.0:
+            raise ValueError(f"--grounded-rec-prob {cfg.grounded_rec_prob}: a probability within [0, 1]")
         tokenizer = Kosmos2Tokenizer.from_files(cfg.spm_model, cfg.dict_path, location_bin_size=cfg.quantized_size)
         logger.info("dictionary: %d types (%s)", len(tokenizer.dictionary), cfg.dict_path)
         return cls(cfg, tokenizer)
@@ -126,9 +137,11 @@ class ImageGptInterleavedLaionObjTask(FairseqTask):
         c = self.cfg
         return DataConfig(
             laion_data_dir=c.laion_data_dir, data=c.data, interleaved_data_dir=c.interleaved_data_dir,
+            instruction_data_dir=c.instruction_data_dir,
             train_json_split_name=c.train_json_split_name, data_weights=parse_data_weights(c.data_weights),
             laion_batch_size=c.laion_batch_size, max_sentences=batch_size or 1,
-            interleaved_batch_size=c.interleaved_batch_size, tokens_per_sample=c.tokens_per_sample,
+            interleaved_batch_size=c.interleaved_batch_size, instruction_batch_size=c.instruction_batch_size,
+            grounded_rec_prob=c.grounded_rec_prob, tokens_per_sample=c.tokens_per_sample,
             phrase_mode=c.phrase_mode, box_score_threshold=c.box_score_threshold,
             mix_no_object_prob=c.mix_no_object_prob, use_object_bbox_prob=c.use_object_bbox_prob,
             locate_special_token=c.locate_special_token, latent_query_num=self.model_config.latent_query_num,

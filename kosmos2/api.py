@@ -4,6 +4,8 @@
     model = Kosmos2.from_pretrained("kosmos-2.pt", device="cuda", dtype="bf16")
     [result] = model.ground(["snowman.jpg"])                  # default prompt "<grounding>An image of"
     result.text, result.entities, result.entities_px          # caption, (phrase, span, boxes) normalised / in pixels
+    model.describe("snowman.jpg", (120, 40, 300, 330), box_format="xyxy_px").text   # REG: what is in the box
+    model.locate("snowman.jpg", "a snowman").entities_px      # REC: where is it
 
 Prompts and images (one entry of `images` and of `prompts` per row):
   * one image (path, PIL image, bytes) and a text: `[<s>, <image>, slots, </image>] + text` (official demo layout);
@@ -27,6 +29,7 @@ from .decoding import OFFICIAL, GenerationConfig, Generated, continuation_logpro
 from .image import inference_transform, load_image
 from .model.cpu_inference import prepare_for_cpu_inference
 from .sequence_layout import image_text_layout
+from .templates import DEFAULT_REG_TEMPLATE, REC_TEMPLATE, get_template
 from .tokenizer import Kosmos2Tokenizer, find_tokenizer_files
 
 DEFAULT_PROMPT = "<grounding>An image of"
@@ -239,6 +242,64 @@ class Kosmos2:
                                ended_with_eos=generated.ended_with_eos, image_size=size,
                                prompt_ids=generated.prompt_ids)
 
+    # ---- boxes as input
+
+    def describe(self, image, box, box_format: str = "xyxy_norm", template: str = DEFAULT_REG_TEMPLATE,
+                 **generation) -> GroundingResult | list[GroundingResult]:
+        """Referring expression generation: what is in `box`? -> a `GroundingResult` whose `text` is the description
+        (the generated text up to its first sentence end) and whose one entity is (description, its span in `text`,
+        [the box]), so `kosmos2.visualize.draw_entities` labels the box with it.
+
+        `box_format`: "xyxy_norm" (corners in [0, 1]) or "xyxy_px" / "xywh_px" (pixels of the image as loaded, EXIF
+        applied). Bad boxes (outside the image, x2 < x1, zero area) raise ValueError. `template`: a REG template of
+        `kosmos2.templates` (default "reg_it_is": `<grounding><phrase>It</phrase>{box} is`, the paper's REG prompt).
+        One image and one box give one result; lists of images and boxes of equal length give a list.
+        `generation`: the keyword arguments of `ground` (max_new_tokens, num_beams, semantics, ...)."""
+        reg = get_template(template)
+        if reg.task != "reg":
+            raise ValueError(f"template {template!r} is not a REG template (box -> description)")
+        images, boxes, single = _rows_of(image, box, "box")
+        pictures = self._load_once(images)
+        prompts, normalised = [], []
+        for picture, one_box in zip(pictures, boxes):
+            norm = grounding.normalise_box(one_box, box_format, picture.size)
+            normalised.append(norm)
+            prompts.append(reg.prompt_markup(object_markup=grounding.object_markup([norm], self.tokenizer.location_bin_size)))
+        results = [self._as_description(r, norm) for r, norm in zip(self.ground(pictures, prompts, **generation), normalised)]
+        return results[0] if single else results
+
+    def locate(self, image, expression: str, **generation) -> GroundingResult | list[GroundingResult]:
+        """Referring expression comprehension: where is `expression`? Prompt `<grounding><phrase>{expression}
+        </phrase>` (the paper's RefCOCO prompt); the result's `entities` / `entities_px` are the generated entities
+        named like the expression (every box the model gives it, in order; empty if it gave none). One image and one
+        expression give one result; lists of equal length give a list. `generation`: as in `ground`."""
+        images, expressions, single = _rows_of(image, expression, "expression")
+        prompts = []
+        for text in expressions:
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"locate needs a non-empty referring expression, got {text!r}")
+            prompts.append(REC_TEMPLATE.prompt_markup(expression=text.strip()))
+        results = [_only_entities_named(r, text) for r, text in zip(self.ground(images, prompts, **generation), expressions)]
+        return results[0] if single else results
+
+    def _load_once(self, images: list) -> list:
+        """PIL images (EXIF applied) for pixel boxes; a path given twice is loaded and encoded once."""
+        loaded, out = {}, []
+        for image in images:
+            key = os.fspath(image) if isinstance(image, (str, os.PathLike)) else id(image)
+            if key not in loaded:
+                loaded[key] = load_image(image)
+            out.append(loaded[key])
+        return out
+
+    def _as_description(self, result: GroundingResult, box) -> GroundingResult:
+        generated = grounding.clean_text(self.tokenizer.decode(result.token_ids))
+        description = generated.split(". ")[0].strip().rstrip(".").strip()
+        entity = grounding.Entity(description, (0, len(description)), [tuple(box)])
+        entity_px = [] if result.image_size is None else [
+            entity._replace(boxes=[grounding.box_to_pixels(box, result.image_size)])]
+        return replace(result, text=description, entities=[entity], entities_px=entity_px)
+
     # ---- scoring
 
     def score(self, images, prompts, continuations: Sequence[str], batch_size: int = 8,
@@ -272,6 +333,25 @@ class Kosmos2:
             for lps in continuation_logprobs(self.model, ids, starts, masks, features, self.tokenizer.pad):
                 out.append(lps if reduction == "none" else sum(lps) / len(lps) if reduction == "mean" else sum(lps))
         return out
+
+
+def _rows_of(images, values, what: str) -> tuple[list, list, bool]:
+    """(images, values, single) for describe / locate: one image and one value, or two lists of equal length."""
+    if images is None:
+        raise ValueError(f"an image is needed to ask about a {what}")
+    if _is_single_image(images):
+        return [images], [values], True
+    images, values = list(images), list(values)
+    if len(images) != len(values):
+        raise ValueError(f"{len(images)} images but {len(values)} {what}s: give one {what} per image")
+    return images, values, False
+
+
+def _only_entities_named(result: GroundingResult, expression: str) -> GroundingResult:
+    key = " ".join(expression.lower().split())
+    keep = [i for i, e in enumerate(result.entities) if " ".join(e.phrase.lower().split()) == key]
+    return replace(result, entities=[result.entities[i] for i in keep],
+                   entities_px=[result.entities_px[i] for i in keep] if result.entities_px else [])
 
 
 def _append_text(prompt, continuation: str):

@@ -106,6 +106,75 @@ def pixels_to_box(box: Sequence[float], image_size: tuple[int, int]) -> Box:
     return x1 / w, y1 / h, x2 / w, y2 / h
 
 
+# Box formats users give: normalised corners, pixel corners, COCO-style pixel (x, y, width, height).
+BOX_FORMATS = ("xyxy_norm", "xyxy_px", "xywh_px")
+
+
+class BoxError(ValueError):
+    """A user's box that cannot be used; `reason` is a short key (converters count them)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """Typed box 'x1, y1, x2, y2' (commas and/or spaces, optional brackets) -> four numbers; BoxError otherwise."""
+    parts = [p for p in re.split(r"[,\s]+", str(text).strip().strip("()[]")) if p]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise BoxError("malformed", f"the box {str(text).strip()!r} is not four numbers x1, y1, x2, y2")
+    return values
+
+
+def normalise_box(box: Sequence[float], box_format: str = "xyxy_norm", image_size: tuple[int, int] | None = None,
+                  slack: float = 0.0) -> Box:
+    """A user's box -> checked, normalised (x1, y1, x2, y2). Raises BoxError (a ValueError) saying what is wrong.
+
+    Pixel formats need `image_size` (width, height). The box must lie inside the image; with `slack` > 0 (a fraction
+    of the image side) corners up to that far outside are clipped onto the image (for annotation files whose boxes
+    overshoot by rounding)."""
+    if box_format not in BOX_FORMATS:
+        raise BoxError("unknown_format", f"unknown box format {box_format!r}: use one of {', '.join(BOX_FORMATS)}")
+    try:
+        values = [float(v) for v in box]
+    except (TypeError, ValueError):
+        raise BoxError("malformed", f"a box is four numbers (x1, y1, x2, y2), got {box!r}") from None
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise BoxError("malformed", f"a box is four finite numbers (x1, y1, x2, y2), got {box!r}")
+    shown = ", ".join(f"{v:g}" for v in values)
+    if box_format == "xywh_px":
+        if values[2] <= 0 or values[3] <= 0:
+            raise BoxError("zero_area", f"box ({shown}) has a width or height <= 0: an xywh box needs width > 0 and height > 0")
+        values = [values[0], values[1], values[0] + values[2], values[1] + values[3]]
+    x1, y1, x2, y2 = values
+    if x2 < x1 or y2 < y1:
+        axis = "x2 < x1" if x2 < x1 else "y2 < y1"
+        raise BoxError("reversed_corners", f"box ({shown}) has {axis}: give the upper-left corner first, (x1, y1, x2, y2)")
+    if x2 == x1 or y2 == y1:
+        raise BoxError("zero_area", f"box ({shown}) has zero area: a box needs x2 > x1 and y2 > y1")
+    if box_format == "xyxy_norm":
+        width = height = 1.0
+        where, hint = "[0, 1]", " (pixel coordinates? pass box_format='xyxy_px')"
+    else:
+        if image_size is None:
+            raise BoxError("no_image_size", f"a {box_format} box needs the image size to be normalised")
+        width, height = (float(v) for v in image_size)
+        where, hint = f"the {image_size[0]}x{image_size[1]} image", ""
+    sx, sy = slack * width, slack * height
+    if x1 < -sx or y1 < -sy or x2 > width + sx or y2 > height + sy:
+        raise BoxError("outside_image", f"box ({shown}) lies outside {where}: it needs 0 <= x1 < x2 <= {width:g} and "
+                         f"0 <= y1 < y2 <= {height:g}{hint}")
+    x1, x2 = min(max(x1, 0.0), width), min(max(x2, 0.0), width)
+    y1, y2 = min(max(y1, 0.0), height), min(max(y2, 0.0), height)
+    if x2 <= x1 or y2 <= y1:
+        raise BoxError("outside_image", f"box ({shown}) has no area inside {where}")
+    return x1 / width, y1 / height, x2 / width, y2 / height
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # markup
 
@@ -153,6 +222,14 @@ def add_boxes_to_phrases(text: str, boxes_per_phrase: Sequence[Sequence[Sequence
             out.append(object_markup(boxes, num_bins, hf_rounding))
     out.append(text[pos:])
     return "".join(out)
+
+
+def region_markup(phrase: str, box: Sequence[float], box_format: str = "xyxy_norm",
+                  image_size: tuple[int, int] | None = None, num_bins: int = DEFAULT_LOCATION_BIN_SIZE) -> str:
+    """'<phrase>phrase</phrase><object>…</object>' for one user box, checked (`normalise_box`): the piece of a prompt
+    that points at a region, e.g. `"<grounding>What is " + region_markup("this", (10, 20, 90, 80), "xyxy_px",
+    image.size) + "? This is"`."""
+    return phrase_markup(phrase, [normalise_box(box, box_format, image_size)], num_bins)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -339,3 +339,66 @@ def test_page_layout_and_defaults(model, example):
     assert sliders == {"top-p": 0.9, "Temperature": 0.7, "Max new tokens": 128}
     submit = [fn for fn in demo.fns.values() if fn.name == "on_submit"]
     assert len(submit) == 1 and submit[0].preprocess is False and submit[0].queue is not False
+
+
+# ----------------------------------------------------------------------------------------------- Refer mode
+
+
+def refer(model, image, box, template="reg_it_is", max_new_tokens=6):
+    image = image if image is None or isinstance(image, dict) else str(image)
+    return app.run_refer(model, image, box, template, False, 0.9, 0.7, max_new_tokens)
+
+
+def test_refer_describes_the_box_like_the_api(model, example):
+    annotated, caption, raw, entities, status = refer(model, example, "12, 20, 100, 120")
+    api = model.describe(str(example), (12, 20, 100, 120), box_format="xyxy_px", max_new_tokens=6)
+    assert raw == api.raw and entities == api.to_json()
+    assert "Box (12, 20, 100, 120) px." in status
+    # the box is drawn in the first entity colour, and the description is highlighted in it
+    assert annotated.getpixel((12, 70)) == entity_colors([None])[0]
+    assert [(item["token"], item["class_or_confidence"]) for item in caption.value] == (
+        [(api.text, api.text)] if api.text else [])
+    # another question of Table 9
+    _, _, raw, _, _ = refer(model, example, "(12 20 100 120)", template="reg_what_is_this")
+    assert raw == model.describe(str(example), (12, 20, 100, 120), "xyxy_px", template="reg_what_is_this",
+                                 max_new_tokens=6).raw
+
+
+@pytest.mark.parametrize("box,message", [
+    ("", "No box yet. Click two opposite corners"),
+    ("1, 2, 3", "is not four numbers x1, y1, x2, y2"),
+    ("10, 10, 300, 50", "lies outside the 256x256 image"),
+    ("50, 10, 20, 60", "has x2 < x1"),
+    ("10, 60, 50, 10", "has y2 < y1"),
+    ("10, 10, 10, 60", "has zero area"),
+])
+def test_refer_bad_boxes(model, example, box, message):
+    with pytest.raises(gr.Error) as info:
+        refer(model, example, box)
+    assert message in info.value.message
+
+
+def test_refer_needs_an_image(model):
+    with pytest.raises(gr.Error, match="Upload an image"):
+        refer(model, None, "1, 2, 3, 4")
+
+
+def test_clicking_two_corners_makes_the_box(example):
+    first = gr.SelectData(None, {"index": [200, 40], "value": None, "selected": True})
+    text, corner, preview = app.click_corner(str(example), None, first)
+    assert corner == (200, 40) and preview.size == (256, 256)
+    second = gr.SelectData(None, {"index": [140, 150], "value": None, "selected": True})
+    text, corner, preview = app.click_corner(str(example), corner, second)
+    assert (text, corner) == ("140, 40, 200, 150", None)
+    assert preview.getpixel((140, 100)) == entity_colors([None])[0]  # the box drawn on the preview
+    assert app.refer_preview(str(example), "not a box").getpixel((140, 100)) != entity_colors([None])[0]
+    assert app.refer_preview(None, "1, 2, 3, 4") is None
+
+
+def test_refer_controls_are_on_the_page(model, example):
+    demo = app.build_demo(model, [example])
+    by_id = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+    assert {"mode", "box", "refer-question", "refer-preview"} <= set(by_id)
+    assert [c[0] for c in by_id["mode"].choices] == ["Ground", "Refer"] and by_id["mode"].value == "Ground"
+    assert [c[1] for c in by_id["refer-question"].choices] == [t for _, t in app.REFER_QUESTIONS]
+    assert by_id["refer-question"].value == "reg_it_is"

@@ -16,8 +16,9 @@ import pytest
 from PIL import Image
 
 from demo.gradio_app import make_examples
-from demo.screenshot import (chromium_page, demo_server, find_chromium, highlighted_phrases, open_demo, pick_example,
-                             progress_seen, set_prompt, show_raw_output, submit_and_wait, upload)
+from demo.screenshot import (chromium_page, click_corners, demo_server, find_chromium, highlighted_phrases, open_demo,
+                             pick_example, progress_seen, set_mode, set_prompt, show_raw_output, submit_and_wait,
+                             type_box, upload)
 from generation_helpers import random_model, small_config, write_tiny_tokenizer
 from kosmos2.checkpoint import save_official
 from kosmos2.tokenizer import Kosmos2Tokenizer
@@ -135,3 +136,64 @@ def test_upload_submit_highlight_screenshot_then_broken_upload(chromium, tmp_pat
         image.load()
         colours = image.convert("RGB").getcolors(1 << 24)
     assert shot.stat().st_size > 30_000 and len(colours) > 100  # a rendered page, not a blank one
+
+
+def test_refer_mode_typed_and_drawn_boxes_then_bad_boxes(chromium, tmp_path, monkeypatch):
+    """Refer mode: a typed box and a box drawn by clicking two corners are described (the box drawn in the first
+    entity colour, the REG prompt with the box's cells in the raw output); bad boxes give a message and the page
+    keeps serving; back in Ground mode the prompt works as before."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    checkpoint = make_checkpoint(tmp_path / "model")
+    examples = make_examples(tmp_path / "examples")  # 256x256 scenes
+    with ExitStack() as stack:
+        try:
+            page = stack.enter_context(chromium_page(chromium, height=1300))
+        except PlaywrightError as e:
+            pytest.skip(f"Chromium at {chromium} does not start here: {str(e).splitlines()[0]}")
+        url = stack.enter_context(demo_server(checkpoint, tmp_path / "server.log",
+                                              ["--examples-dir", str(tmp_path / "examples")]))
+        open_demo(page, url)
+        upload(page, examples[0])
+        set_mode(page, "Refer")
+        assert not page.locator("#prompt").is_visible()
+
+        # ---- a typed box: (12, 20, 100, 120) of 256x256 -> cells (1, 2) = 65 and (12, 15) = 492
+        type_box(page, "12, 20, 100, 120")
+        status = submit_and_wait(page)
+        assert STATUS.match(status) and "Box (12, 20, 100, 120) px." in status, status
+        show_raw_output(page)
+        raw = page.locator("#raw textarea").input_value()
+        # (the small test vocabulary has no capital I: "It" shows as "<unk>t")
+        assert raw.startswith("<grounding><phrase>") and "</phrase><object><patch_index_0065><patch_index_0492></object> is" in raw
+        boxes = annotated_image(page)
+        assert boxes.getpixel((12, 70)) == RED_DOG_RGB  # the box's left edge, in the description's colour
+        described = [phrase for phrase, _ in highlighted_phrases(page)]
+        assert len(described) <= 1  # the description, highlighted like its box (empty if the model said nothing)
+
+        # ---- a box drawn by clicking two corners (any two opposite ones) on the preview
+        assert click_corners(page, (200, 40), (140, 150)) == "140, 40, 200, 150"
+        status = submit_and_wait(page)
+        assert "Box (140, 40, 200, 150) px." in status, status
+        assert annotated_image(page).getpixel((140, 100)) == RED_DOG_RGB
+        page.screenshot(path=str(tmp_path / "refer.png"), full_page=True)
+
+        # ---- bad boxes: a message each, and the server goes on serving
+        for text, message in [("10, 10, 300, 50", "lies outside the 256x256 image"),
+                              ("50, 10, 20, 60", "has x2 < x1"), ("10, 10, 10, 60", "has zero area"),
+                              ("ten, 10, 20, 60", "is not four numbers"), ("", "No box yet")]:
+            type_box(page, text)
+            error = submit_and_wait(page)
+            assert error.startswith("error: ") and message in error, (text, error)
+        type_box(page, "0, 0, 256, 256")
+        assert "Box (0, 0, 256, 256) px." in submit_and_wait(page)
+
+        # ---- Ground mode again: the prompt controls are back and answer as before
+        set_mode(page, "Ground")
+        set_prompt(page, GROUNDED)
+        assert STATUS.match(submit_and_wait(page))
+        assert [phrase for phrase, _ in highlighted_phrases(page)] == ["a red dog"]
+
+    with Image.open(tmp_path / "refer.png") as shot:
+        assert shot.format == "PNG" and shot.width == 1280

@@ -65,7 +65,8 @@ def test_cpu_runs_use_gloo_and_torchrun_environment_is_honoured(monkeypatch):
 
 def test_data_weights_are_validated():
     assert task_mod.parse_data_weights("0,8,0") == (0.0, 8.0, 0.0)
-    for bad in ("0,0,0", "1,2", "a,b,c", "-1,2,3"):
+    assert task_mod.parse_data_weights("1,8,2,4") == (1.0, 8.0, 2.0, 4.0)  # the fourth: the instruction stream
+    for bad in ("0,0,0", "1,2", "a,b,c", "-1,2,3", "1,2,3,4,5", "0,0,0,0", "1,2,3,-1"):
         with pytest.raises(ValueError, match="--data-weights"):
             task_mod.parse_data_weights(bad)
 
@@ -145,11 +146,13 @@ def test_per_stream_losses_are_normalised_by_their_own_counts(monkeypatch):
     monkeypatch.setattr("fairseq.metrics.log_scalar", lambda key, value, *a, **k: logged.__setitem__(key, value))
     monkeypatch.setattr("fairseq.metrics.log_derived", lambda *a, **k: None)
     logs = [{"loss": 10.0, "sample_size": 5, "image_laion_loss": 10.0, "image_laion_sample_size": 5},
-            {"loss": 30.0, "sample_size": 20, "gpt_loss": 30.0, "gpt_sample_size": 20}]
+            {"loss": 30.0, "sample_size": 20, "gpt_loss": 30.0, "gpt_sample_size": 20},
+            {"loss": 6.0, "sample_size": 4, "instruction_loss": 6.0, "instruction_sample_size": 4}]
     UniGPTCriterion.reduce_metrics(logs)
     assert logged["image_laion"] == pytest.approx(10 / 5 / math.log(2))
     assert logged["gpt"] == pytest.approx(30 / 20 / math.log(2))
-    assert logged["loss"] == pytest.approx(40 / 25 / math.log(2))
+    assert logged["instruction"] == pytest.approx(6 / 4 / math.log(2))
+    assert logged["loss"] == pytest.approx(46 / 29 / math.log(2))
     assert "image_interleaved" not in logged
 
 

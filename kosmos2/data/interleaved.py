@@ -37,16 +37,7 @@ class InterleavedDocMaker:
         self.transform = train_transform_numpy(image_size, only_resize)
 
     def load_image(self, ref) -> np.ndarray:
-        if not isinstance(ref, str) or not ref:
-            raise BadSample("bad_image_reference")
-        try:
-            with Image.open(self.data_dir / ref) as image:
-                image = image.convert("RGB")
-        except FileNotFoundError:
-            raise BadSample("missing_image")
-        except (UnidentifiedImageError, OSError, ValueError):
-            raise BadSample("broken_image")
-        return np.asarray(self.transform(image), dtype=np.float32)
+        return load_image_file(self.data_dir, ref, self.transform)
 
     def parse(self, line: str) -> list[dict]:
         try:
@@ -86,3 +77,16 @@ class InterleavedDocMaker:
         loss_mask = [not in_image[j + 1] for j in range(len(tokens) - 1)] + [True]
         return Sample(tokens=tokens, image_mask=image_mask, loss_mask=loss_mask, images=images)
 
+
+def load_image_file(data_dir: Path, ref, transform) -> np.ndarray:
+    """An image file named in a jsonl document (relative to the data dir, or absolute) -> transformed pixels."""
+    if not isinstance(ref, str) or not ref:
+        raise BadSample("bad_image_reference")
+    try:
+        with Image.open(Path(data_dir) / ref) as image:
+            image = image.convert("RGB")
+    except FileNotFoundError:
+        raise BadSample("missing_image")
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise BadSample("broken_image")
+    return np.asarray(transform(image), dtype=np.float32)

@@ -1,8 +1,8 @@
-"""The training loader: three streams, one stream per micro-batch, checkpointable end to end
+"""The training loader: four streams, one stream per micro-batch, checkpointable end to end
 (docs/official_behaviour.md#stream-mixing).
 
     loader = build_train_loader(DataConfig(laion_data_dir=..., data_weights=(0, 8, 0), ...), tokenizer, rank, world_size)
-    for batch in loader:                 # {"vl_laion": {...}} | {"gpt": {...}} | {"vl_interleaved": {...}}
+    for batch in loader:                 # {"vl_laion": {...}} | {"gpt": {...}} | {"vl_interleaved": {...}} | {"vl_instruction": {...}}
         ...
     state = loader.state_dict()          # after k batches; a new loader + load_state_dict(state) yields batch k+1 …
     loader.skip_counts()                 # {"vl_laion": {"broken_image": 3, "ann:zero_area_box": 1, …}, …}
@@ -28,13 +28,17 @@ from infinibatch.iterators import (BlockwiseShuffleIterator, CheckpointableItera
 from kosmos2.data.collate import collate, to_torch
 from kosmos2.data.grit import GritSampleMaker, GritSettings
 from kosmos2.data.grounding_labels import GroundingSettings
+from kosmos2.data.instruct import ChatSampleMaker, GroundedInstructionMaker
 from kosmos2.data.interleaved import InterleavedDocMaker
 from kosmos2.data.iterators import RoundRobinIterator, ShardRowIterator, WeightedChoiceIterator
 from kosmos2.data.text import TextDocMaker, make_packer
 
 logger = logging.getLogger(__name__)
 
-STREAMS = ("vl_interleaved", "vl_laion", "gpt")  # order of --data-weights (interleaved, GRIT, text)
+# order of --data-weights: interleaved, GRIT, text, instruction. Three weights (the official form) leave the instruction
+# stream out and mean exactly what they meant before it existed (same stream draws, same checkpointed state).
+STREAMS = ("vl_interleaved", "vl_laion", "gpt", "vl_instruction")
+OFFICIAL_STREAMS = 3
 
 
 @dataclass
@@ -44,10 +48,13 @@ class DataConfig:
     data: str | None = None                       # text stream data dir
     interleaved_data_dir: str | None = None
     train_json_split_name: str = "train"          # text config json/<name>.json (official: train-nogithub-…)
-    data_weights: tuple[float, float, float] = (0.0, 8.0, 0.0)
+    instruction_data_dir: str | None = None       # chat jsonl and/or GRIT sources (docs/data.md, "Instruction stream")
+    data_weights: tuple[float, ...] = (0.0, 8.0, 0.0)  # interleaved, GRIT, text[, instruction]
     laion_batch_size: int = 6
     max_sentences: int = 1
     interleaved_batch_size: int = 1
+    instruction_batch_size: int = 1
+    grounded_rec_prob: float = 0.5                # instruction stream, GRIT sources: REC instead of REG
     tokens_per_sample: int = 2048
     phrase_mode: str = "expression"
     box_score_threshold: float = 0.65
@@ -77,6 +84,12 @@ class DataConfig:
 
 def read_data_config(data_dir: str | Path, split: str) -> list[tuple[list[str], float]]:
     """`DATA_DIR/json/SPLIT.json` -> [(absolute source paths, weight)], one entry per config object."""
+    return [(paths, weight) for paths, weight, _ in read_data_entries(data_dir, split)]
+
+
+def read_data_entries(data_dir: str | Path, split: str) -> list[tuple[list[str], float, str | None]]:
+    """`DATA_DIR/json/SPLIT.json` -> [(absolute source paths, weight, format)]; format is the entry's optional
+    "format" field (instruction stream: "chat" or "grit"), None when absent."""
     path = Path(data_dir) / "json" / f"{split}.json"
     if not path.is_file():
         raise FileNotFoundError(f"data config {path} not found — write it with `python data/generate_config.py {data_dir}`")
@@ -92,21 +105,62 @@ def read_data_config(data_dir: str | Path, split: str) -> list[tuple[list[str], 
         if not sources:
             raise ValueError(f"data config {path}: every entry needs a non-empty 'source' list, got {entry!r}")
         weight = float(entry.get("weight", entry.get("count", 1.0)))
-        out.append(([str(Path(data_dir) / s) for s in sources], weight))
+        out.append(([str(Path(data_dir) / s) for s in sources], weight, entry.get("format")))
     return out
+
+
+def write_data_entry(data_dir: str | Path, name: str, sources: list[str], weight: float = 1.0, split: str = "train",
+                     data_format: str | None = None) -> Path:
+    """Add (or replace, by `name`) one entry of `DATA_DIR/json/SPLIT.json`, keeping the others; sources are paths
+    relative to DATA_DIR (or absolute). The file is written atomically."""
+    path = Path(data_dir) / "json" / f"{split}.json"
+    entries = json.loads(path.read_text()) if path.is_file() else []
+    entries = [entries] if isinstance(entries, dict) else entries
+    entry = {"source": list(sources), "source_lang": name, "weight": weight, "name": name}
+    if data_format:
+        entry["format"] = data_format
+    entries = [e for e in entries if e.get("name") != name] + [entry]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(entries, indent=1) + "\n")
+    tmp.replace(path)
+    return path
 
 
 # ----------------------------------------------------------------------------- one stream
 
 def _stream_parts(kind: str, cfg: DataConfig, tokenizer):
-    """(data dir, config split, make_sample, batch size) of a stream."""
+    """(data dir, config split, make_sample(entry format), batch size) of a stream."""
     if kind == "vl_laion":
-        return cfg.laion_data_dir, "train", GritSampleMaker(tokenizer, cfg.grit_settings()), cfg.laion_batch_size
+        maker = GritSampleMaker(tokenizer, cfg.grit_settings())
+        return cfg.laion_data_dir, "train", lambda _: maker, cfg.laion_batch_size
     if kind == "gpt":
-        return cfg.data, cfg.train_json_split_name, TextDocMaker(tokenizer, cfg.tokens_per_sample), cfg.max_sentences
+        maker = TextDocMaker(tokenizer, cfg.tokens_per_sample)
+        return cfg.data, cfg.train_json_split_name, lambda _: maker, cfg.max_sentences
+    if kind == "vl_instruction":
+        return cfg.instruction_data_dir, "train", lambda fmt: _instruction_maker(fmt, cfg, tokenizer), \
+            cfg.instruction_batch_size
     maker = InterleavedDocMaker(tokenizer, cfg.interleaved_data_dir, cfg.input_resolution, cfg.latent_query_num,
                                 cfg.tokens_per_sample, cfg.max_image_num, cfg.training_image_only_resize)
-    return cfg.interleaved_data_dir, "train", maker, cfg.interleaved_batch_size
+    return cfg.interleaved_data_dir, "train", lambda _: maker, cfg.interleaved_batch_size
+
+
+INSTRUCTION_FORMATS = ("chat", "grit")
+
+
+def _instruction_maker(data_format: str, cfg: DataConfig, tokenizer):
+    if data_format == "grit":
+        return GroundedInstructionMaker(tokenizer, cfg.grit_settings(), cfg.grounded_rec_prob)
+    return ChatSampleMaker(tokenizer, cfg.instruction_data_dir, cfg.input_resolution, cfg.latent_query_num,
+                           cfg.tokens_per_sample, cfg.training_image_only_resize)
+
+
+def instruction_format(paths: list[str], declared: str | None) -> str:
+    """An instruction source's format: the config's "format" field, else GRIT for .tsv shards and chat otherwise."""
+    data_format = declared or ("grit" if all(p.endswith(".tsv") for p in paths) else "chat")
+    if data_format not in INSTRUCTION_FORMATS:
+        raise ValueError(f"instruction data config: format {data_format!r} is not one of {INSTRUCTION_FORMATS}")
+    return data_format
 
 
 def worker_pipeline(kind: str, cfg: DataConfig, tokenizer, instance: int, instances: int) -> CheckpointableIterator:
@@ -114,11 +168,12 @@ def worker_pipeline(kind: str, cfg: DataConfig, tokenizer, instance: int, instan
     data_dir, split, make_sample, batch_size = _stream_parts(kind, cfg, tokenizer)
     if not data_dir:
         raise ValueError(f"stream {kind} has a positive data weight but no data dir is configured")
-    entries = read_data_config(data_dir, split)
-    sources = [ShardRowIterator(paths, make_sample, cfg.seed + i, instance, instances, name=f"{kind}[{i}]")
-               for i, (paths, _) in enumerate(entries)]
+    entries = read_data_entries(data_dir, split)
+    formats = [instruction_format(paths, fmt) if kind == "vl_instruction" else fmt for paths, _, fmt in entries]
+    sources = [ShardRowIterator(paths, make_sample(fmt), cfg.seed + i, instance, instances, name=f"{kind}[{i}]")
+               for i, ((paths, _, _), fmt) in enumerate(zip(entries, formats))]
     samples = sources[0] if len(sources) == 1 else MultiplexIterator(
-        WeightedChoiceIterator([w for _, w in entries], cfg.seed + instance), sources)
+        WeightedChoiceIterator([w for _, w, _ in entries], cfg.seed + instance), sources)
     if kind == "gpt":
         packed = RecurrentIterator(samples, make_packer(tokenizer.bos, cfg.tokens_per_sample))
         samples = SelectManyIterator(packed)
@@ -175,14 +230,16 @@ class StreamLoader(CheckpointableIterator):
 
 class MixedLoader(CheckpointableIterator):
     def __init__(self, cfg: DataConfig, tokenizer, rank: int = 0, world_size: int = 1):
-        if len(cfg.data_weights) != len(STREAMS):
-            raise ValueError(f"data_weights has {len(cfg.data_weights)} entries; expected 3 (interleaved, GRIT, text)")
+        if len(cfg.data_weights) not in (OFFICIAL_STREAMS, len(STREAMS)):
+            raise ValueError(f"data_weights has {len(cfg.data_weights)} entries; expected 3 (interleaved, GRIT, text) "
+                             f"or 4 (… , instruction)")
         self.cfg = cfg
         self.names = [name for name, w in zip(STREAMS, cfg.data_weights) if w > 0]
         if not self.names:
             raise ValueError(f"all data weights are zero ({cfg.data_weights}): nothing to train on")
         self.streams = {name: StreamLoader(name, cfg, tokenizer, rank, world_size) for name in self.names}
-        # the same seed on every rank: all ranks train the same stream in a micro-batch (no rank idles a module)
+        # the same seed on every rank: all ranks train the same stream in a micro-batch (no rank idles a module).
+        # Only positive weights enter the draw, so a zero fourth weight draws exactly like the three-weight form.
         self._choice = WeightedChoiceIterator([w for w in cfg.data_weights if w > 0], seed=cfg.seed)
         self._batches = 0
 

@@ -1,5 +1,5 @@
-"""Parsing one GRIT TSV row (docs/official_behaviour.md#grit-tsv) into checked fields, with a named reason for
-everything that can be wrong.
+"""One GRIT TSV row (docs/official_behaviour.md#grit-tsv): writing it, and parsing it into checked fields with a
+named reason for everything that can be wrong.
 
 Every loader-side failure is a `BadSample(reason)`; the streams count reasons instead of crashing, and
 `data/check_tsv.py` reports the same reasons, because it calls exactly these functions.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import base64
 import binascii
+import hashlib
 import io
 from dataclasses import dataclass
 
@@ -30,6 +31,18 @@ class GritRow:
     width: int
     height: int
     annotations: dict | None  # {'phrase': [...], 'expression_v1': [...]}; None for a 5-column caption-only row
+
+
+def format_grit_row(caption: str, jpeg: bytes, width: int, height: int, annotations: dict | None) -> str:
+    """The official TSV line (no newline): md5(jpeg), caption, base64(jpeg), width, height[, repr(annotations)].
+    Tabs and newlines in the caption become spaces (same length, so character spans stay valid)."""
+    caption = caption.replace("\t", " ").replace("\n", " ").replace("\r", " ")
+    columns = [hashlib.md5(jpeg).hexdigest(), caption, base64.b64encode(jpeg).decode("ascii"), str(int(width)),
+               str(int(height))]
+    if annotations is not None:
+        columns.append(str({"phrase": annotations.get("phrase") or [],
+                            "expression_v1": annotations.get("expression_v1") or []}))
+    return "\t".join(columns)
 
 
 def split_row(line: str) -> list[str]:
