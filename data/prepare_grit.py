@@ -1,9 +1,12 @@
 """img2dataset output (GRIT) -> TSV shards in the official 6-column layout (spec §5.2).
 
-    python data/prepare_grit.py INPUT... --out DIR [--shard-size 5000] [--workers 4]
+    python data/prepare_grit.py INPUT... --out DIR [--shard-size 5000] [--workers 4] [--annotations GRIT...]
 
-INPUT is an img2dataset output folder (`00000/000000001.jpg` + `.json`) or `.tar` shards holding the same
-members. Each output line is
+INPUT is an img2dataset output folder (`00000/000000001.jpg` + `.json`), `.tar` shards holding the same
+members, or a JSONL of `{"id", "caption", "image": path}` pairs (kosmos2/data/pair_sources.py). The GRIT fields
+come from each sample's json (the released GRIT, downloaded by img2dataset with the GRIT columns saved), or with
+`--annotations` from GRIT jsonl records (data/build_grit.py output) joined to the samples by key; samples without
+a record are skipped (`no_grit_record`). Each output line is
 
     md5(jpeg) \t caption \t base64(jpeg) \t width \t height \t repr({'phrase': noun_chunks, 'expression_v1': ref_exps})
 

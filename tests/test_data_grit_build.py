@@ -210,7 +210,8 @@ def synthetic_raw(out: Path, num: int) -> Path:
 
 def test_shards_resume_and_refuse_other_settings(tmp_path):
     raw = synthetic_raw(tmp_path, 60)
-    settings = BuildSettings(spacy_model=SPACY_MODEL, grounder="synthetic")
+    # one process with two spaCy workers (nlp.pipe n_process=2) vs three shards built one at a time
+    settings = BuildSettings(spacy_model=SPACY_MODEL, grounder="synthetic", spacy_processes=2, spacy_batch_size=8)
     whole = build([str(raw)], tmp_path / "one", settings, progress=False)
     sharded = BuildSettings(spacy_model=SPACY_MODEL, grounder="synthetic", num_shards=3)
     assert [len(shard_range(60, 3, i)) for i in range(3)] == [20, 20, 20]

@@ -27,7 +27,7 @@ class Detection:
 
 def clip_box(box) -> Box | None:
     """The box clipped to the image ([0, 1]), or None when it is not 4 finite numbers with positive area."""
-    if len(box) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box):
+    if len(box) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box):
         return None
     x1, y1, x2, y2 = (min(max(float(v), 0.0), 1.0) for v in box)
     return (x1, y1, x2, y2) if x2 > x1 and y2 > y1 else None

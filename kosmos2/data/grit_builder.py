@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import time
 from collections import Counter
@@ -85,6 +86,11 @@ class Pair:
     size: tuple[int, int] | None   # (width, height) of the upright image, when known
     image: Image.Image | None = None  # decoded for grounders that look at pixels
 
+    @property
+    def id(self):
+        """The input's `id` (the GRIT record's `id`; precomputed detections are looked up by it), else the key."""
+        return self.meta.get("id", self.ref.key)
+
 
 def image_size(image_bytes: bytes) -> tuple[int, int]:
     """(width, height) after the EXIF rotation, read from the header only."""
@@ -134,7 +140,7 @@ def grit_record(pair: Pair, chunks: list[Chunk], kept: list[Detection]) -> dict:
         noun_chunks.append([chunk.start, chunk.end, *det.box, det.score])
         ref_exps.append([*chunk.expression, *det.box, det.score])
     width, height = pair.size
-    record = {"key": pair.ref.key, "id": pair.meta.get("id", pair.ref.key),
+    record = {"key": pair.ref.key, "id": pair.id,
               "url": pair.meta.get("url") or pair.meta.get("image") or "", "caption": pair.caption,
               "width": width, "height": height}
     record.update({name: pair.meta[name] for name in GRIT_FIELDS_PASSED_ON if name in pair.meta})
@@ -181,15 +187,16 @@ class ShardBuilder:
                 self._drop(drop.reason)
                 continue
             usable.append((pair, chunks))
-        requests = [GroundingRequest(str(p.meta.get("id", p.ref.key)), p.caption, [c.text for c in chunks], p.meta,
-                                     p.image) for p, chunks in usable]
+        requests = [GroundingRequest(str(p.id), p.caption, [c.text for c in chunks], p.meta, p.image)
+                    for p, chunks in usable]
         found = self.grounder.ground(requests) if requests else []
         records = []
         for (pair, chunks), raw in zip(usable, found):
             detections = []
             for index, box, score in raw:
                 box = clip_box(box) if isinstance(box, (list, tuple)) else None
-                if box is None or not isinstance(score, (int, float)) or not 0 <= index < len(chunks):
+                usable_score = isinstance(score, (int, float)) and not isinstance(score, bool) and math.isfinite(score)
+                if box is None or not usable_score or not 0 <= index < len(chunks):
                     self.counts["boxes_invalid"] += 1
                     continue
                 detections.append(Detection(index, box, float(score)))

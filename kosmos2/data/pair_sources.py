@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-SKIPPED_JSON_NAMES = ("manifest.json",)  # written next to samples by our own tools
+RECORD_JSON_NAMES = ("manifest.json", "build.json", "summary.json")  # our tools' run records, not samples
 
 
 class PairRef(NamedTuple):
@@ -33,7 +33,8 @@ class PairRef(NamedTuple):
 def _folder_refs(folder: Path) -> list[PairRef]:
     refs = []
     for json_path in sorted(folder.rglob("*.json")):
-        if json_path.name.endswith("_stats.json") or json_path.name in SKIPPED_JSON_NAMES:
+        name = json_path.name
+        if name.endswith(("_stats.json", ".summary.json")) or name in RECORD_JSON_NAMES:  # img2dataset's / ours
             continue
         member = str(json_path.relative_to(folder).with_suffix(""))
         refs.append(PairRef(str(folder), member, Path(member).name))
