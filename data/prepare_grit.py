@@ -1,9 +1,12 @@
 """img2dataset output (GRIT) -> TSV shards in the official 6-column layout (docs/official_behaviour.md#grit-tsv).
 
-    python data/prepare_grit.py INPUT... --out DIR [--shard-size 5000] [--workers 4]
+    python data/prepare_grit.py INPUT... --out DIR [--shard-size 5000] [--workers 4] [--annotations GRIT...]
 
-INPUT is an img2dataset output folder (`00000/000000001.jpg` + `.json`) or `.tar` shards holding the same
-members. Each output line is
+INPUT is an img2dataset output folder (`00000/000000001.jpg` + `.json`), `.tar` shards holding the same
+members, or a JSONL of `{"id", "caption", "image": path}` pairs (kosmos2/data/pair_sources.py). The GRIT fields
+come from each sample's json (the released GRIT, downloaded by img2dataset with the GRIT columns saved), or with
+`--annotations` from GRIT jsonl records (data/build_grit.py output) joined to the samples by key; samples without
+a record are skipped (`no_grit_record`). Each output line is
 
     md5(jpeg) \t caption \t base64(jpeg) \t width \t height \t repr({'phrase': noun_chunks, 'expression_v1': ref_exps})
 
@@ -33,43 +36,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from kosmos2.data.grit_builder import grit_files  # noqa: E402
+from kosmos2.data.pair_sources import PairReader, PairRef, list_pairs  # noqa: E402
 from kosmos2.data.rows import format_grit_row  # noqa: E402
 
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "grit_{:05d}.tsv"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-
-
-# ----------------------------------------------------------------------------- input enumeration
-
-def list_folder_samples(folder: Path) -> list[tuple[str, str]]:
-    """(source, key) for every `*.json` that is a sample (img2dataset also writes `NNNNN_stats.json`)."""
-    refs = []
-    for json_path in sorted(folder.rglob("*.json")):
-        if json_path.name.endswith("_stats.json") or json_path.name == MANIFEST:
-            continue
-        refs.append((str(folder), str(json_path.relative_to(folder).with_suffix(""))))
-    return refs
-
-
-def list_tar_samples(tar_path: Path) -> list[tuple[str, str]]:
-    with tarfile.open(tar_path) as tar:
-        keys = sorted({os.path.splitext(m.name)[0] for m in tar.getmembers() if m.name.endswith(".json")})
-    return [(str(tar_path), key) for key in keys]
-
-
-def list_samples(inputs: list[str]) -> list[tuple[str, str]]:
-    refs = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            tars = sorted(path.glob("*.tar"))
-            refs += list_folder_samples(path) if not tars else [r for t in tars for r in list_tar_samples(t)]
-        elif path.suffix == ".tar" and path.is_file():
-            refs += list_tar_samples(path)
-        else:
-            raise SystemExit(f"prepare_grit: input {item!r} is neither an img2dataset folder nor a .tar shard")
-    return refs
 
 
 # ----------------------------------------------------------------------------- one sample
@@ -78,23 +50,6 @@ class SampleSkipped(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
-
-
-def read_folder_sample(folder: str, key: str) -> tuple[bytes, bytes | None]:
-    base = Path(folder) / key
-    meta = base.with_suffix(".json").read_bytes()
-    for ext in IMAGE_EXTENSIONS:
-        if base.with_suffix(ext).is_file():
-            return meta, base.with_suffix(ext).read_bytes()
-    return meta, None
-
-
-def read_tar_sample(tar: tarfile.TarFile, names: set[str], key: str) -> tuple[bytes, bytes | None]:
-    meta = tar.extractfile(key + ".json").read()
-    for ext in IMAGE_EXTENSIONS:
-        if key + ext in names:
-            return meta, tar.extractfile(key + ext).read()
-    return meta, None
 
 
 def upright_image(image: Image.Image, width: int, height: int) -> tuple[Image.Image, bool]:
@@ -107,12 +62,18 @@ def upright_image(image: Image.Image, width: int, height: int) -> tuple[Image.Im
     return image, False
 
 
-def make_row(meta_bytes: bytes, image_bytes: bytes | None) -> tuple[str, bool]:
-    """One TSV line (without newline) and whether it carries GRIT annotations; raises SampleSkipped."""
+def parse_meta(meta_bytes: bytes) -> dict:
     try:
         meta = json.loads(meta_bytes)
     except (ValueError, UnicodeDecodeError):
         raise SampleSkipped("bad_json")
+    if not isinstance(meta, dict):
+        raise SampleSkipped("bad_json")
+    return meta
+
+
+def make_row(meta: dict, image_bytes: bytes | None) -> tuple[str, bool]:
+    """One TSV line (without newline) and whether it carries GRIT annotations; raises SampleSkipped."""
     if image_bytes is None:
         raise SampleSkipped("missing_image")
     if meta.get("status", "success") != "success":
@@ -134,24 +95,28 @@ def make_row(meta_bytes: bytes, image_bytes: bytes | None) -> tuple[str, bool]:
     return format_grit_row(caption, buffer.getvalue(), int(width), int(height), annotations), has_grit
 
 
-def write_shard(job: tuple[int, list[tuple[str, str]], str]) -> dict:
-    """Worker: convert one chunk of samples into `grit_NNNNN.tsv`; returns the shard's manifest entry."""
-    index, refs, out_dir = job
+def read_sample(reader: PairReader, ref: PairRef, annotation: dict | None, joined: bool) -> tuple[str, bool]:
+    """One pair -> (TSV line, has GRIT fields). With `joined` (--annotations) the pair's GRIT fields come from its
+    GRIT record (`annotation`), and a pair without one is skipped."""
+    meta = parse_meta(reader.read_meta(ref))
+    if joined:
+        if annotation is None:
+            raise SampleSkipped("no_grit_record")
+        meta = {**meta, **annotation}
+    return make_row(meta, reader.read_image(ref, meta))
+
+
+def write_shard(job: tuple[int, list[PairRef], str, dict | None]) -> dict:
+    """Worker: convert one chunk of samples into `grit_NNNNN.tsv`; returns the shard's manifest entry.
+    `annotations` is None, or the GRIT records of this chunk's keys (--annotations)."""
+    index, refs, out_dir, annotations = job
     name = SHARD_PATTERN.format(index)
     skipped, rows, caption_only = Counter(), 0, 0
     tmp = Path(out_dir) / (name + ".tmp")
-    open_tars: dict[str, tuple[tarfile.TarFile, set[str]]] = {}
-    with open(tmp, "w", encoding="utf-8") as out:
-        for source, key in refs:
+    with open(tmp, "w", encoding="utf-8") as out, PairReader() as reader:
+        for ref in refs:
             try:
-                if source.endswith(".tar"):
-                    if source not in open_tars:
-                        tar = tarfile.open(source)
-                        open_tars[source] = (tar, set(tar.getnames()))
-                    meta, image = read_tar_sample(*open_tars[source], key)
-                else:
-                    meta, image = read_folder_sample(source, key)
-                line, has_grit = make_row(meta, image)
+                line, has_grit = read_sample(reader, ref, (annotations or {}).get(ref.key), annotations is not None)
             except SampleSkipped as skip:
                 skipped[skip.reason] += 1
                 continue
@@ -161,11 +126,27 @@ def write_shard(job: tuple[int, list[tuple[str, str]], str]) -> dict:
             out.write(line + "\n")
             rows += 1
             caption_only += not has_grit
-    for tar, _ in open_tars.values():
-        tar.close()
     os.replace(tmp, Path(out_dir) / name)
     return {"index": index, "name": name, "samples": len(refs), "rows": rows, "caption_only_rows": caption_only,
             "skipped": dict(skipped)}
+
+
+def load_annotations(paths: list[str]) -> dict[str, dict]:
+    """key -> GRIT record from GRIT jsonl files or data/build_grit.py output folders."""
+    records = {}
+    for path in paths:
+        files = grit_files(path)
+        if not files or not all(f.is_file() for f in files):
+            raise SystemExit(f"prepare_grit: --annotations {path}: no GRIT jsonl there (grit-*-of-*.jsonl or a .jsonl file)")
+        for file in files:
+            with open(file, encoding="utf-8") as f:
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        record = json.loads(line)
+                        if "key" not in record:
+                            raise SystemExit(f"prepare_grit: {file}:{number}: a GRIT record without \"key\"")
+                        records[str(record["key"])] = record
+    return records
 
 
 # ----------------------------------------------------------------------------- driver
@@ -189,20 +170,25 @@ def summarise(shards: list[dict]) -> dict:
             "caption_only_rows": sum(s["caption_only_rows"] for s in shards), "skipped": dict(sorted(skipped.items()))}
 
 
-def prepare(inputs: list[str], out_dir: str | Path, shard_size: int = 5000, workers: int = 1, progress: bool = True) -> dict:
-    """Convert every sample of `inputs` into TSV shards under `out_dir`; returns the summary dict."""
+def prepare(inputs: list[str], out_dir: str | Path, shard_size: int = 5000, workers: int = 1, progress: bool = True,
+            annotations: list[str] | None = None) -> dict:
+    """Convert every sample of `inputs` into TSV shards under `out_dir`; returns the summary dict. With
+    `annotations` (GRIT jsonl files / builder folders) each sample's GRIT fields come from its record there."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    refs = list_samples(inputs)
+    refs = list_pairs(inputs)
     if not refs:
-        raise SystemExit(f"prepare_grit: no samples (*.json next to an image) found in {inputs}")
+        raise SystemExit(f"prepare_grit: no samples (*.json next to an image, or pairs .jsonl lines) found in {inputs}")
+    records = load_annotations(annotations) if annotations else None
     chunks = [refs[i:i + shard_size] for i in range(0, len(refs), shard_size)]
-    layout = {"inputs": [str(Path(i).resolve()) for i in inputs], "shard_size": shard_size, "samples": len(refs)}
+    layout = {"inputs": [str(Path(i).resolve()) for i in inputs], "shard_size": shard_size, "samples": len(refs),
+              "annotations": [str(Path(a).resolve()) for a in annotations] if annotations else None}
     manifest = load_manifest(out_dir)
     if manifest.get("layout") != layout:
         manifest = {"layout": layout, "shards": {}}  # different inputs: nothing finished can be trusted
     done = {int(k): v for k, v in manifest["shards"].items() if (out_dir / v["name"]).is_file()}
-    jobs = [(i, chunk, str(out_dir)) for i, chunk in enumerate(chunks) if i not in done]
+    jobs = [(i, chunk, str(out_dir), None if records is None else {r.key: records[r.key] for r in chunk if r.key in records})
+            for i, chunk in enumerate(chunks) if i not in done]
     bar = tqdm(total=len(refs), initial=sum(len(chunks[i]) for i in done), unit="img", desc="prepare_grit", disable=not progress)
     pool = Pool(workers) if workers > 1 and len(jobs) > 1 else None
     results = pool.imap_unordered(write_shard, jobs) if pool else map(write_shard, jobs)
@@ -223,13 +209,17 @@ def prepare(inputs: list[str], out_dir: str | Path, shard_size: int = 5000, work
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("inputs", nargs="+", help="img2dataset output folders or .tar shards")
+    parser.add_argument("inputs", nargs="+", help="img2dataset output folders or .tar shards, or pairs .jsonl files")
+    parser.add_argument("--annotations", nargs="+", default=None,
+                        help="GRIT jsonl files or data/build_grit.py output folders: take each pair's GRIT fields from "
+                             "its record (joined by key) and skip pairs without one")
     parser.add_argument("--out", required=True, help="output folder for grit_NNNNN.tsv shards and manifest.json")
     parser.add_argument("--shard-size", type=int, default=5000, help="samples per TSV shard")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    summary = prepare(args.inputs, args.out, args.shard_size, args.workers, progress=not args.no_progress)
+    summary = prepare(args.inputs, args.out, args.shard_size, args.workers, progress=not args.no_progress,
+                      annotations=args.annotations)
     print(json.dumps(summary))
     return summary
 

@@ -175,6 +175,8 @@ def test_five_column_row_needs_mix_no_object_prob(official_tok):
     ("a\tb\tc", "wrong_column_count"),
     ("m\t \t" + "x" * 8 + "\t10\t10\t{}", "empty_caption"),
     ("m\tcap\tx\tten\t10\t{}", "bad_size"),
+    ("m\tcap\tx\t10\t-3.0\t{}", "bad_size"),
+    ("m\tcap\tx\tnan\t10\t{}", "bad_size"),
     ("m\tcap\tx\t10\t10\t{'phrase': [", "bad_annotations"),
     ("m\tcap\tx\t10\t10\t42", "bad_annotations"),
 ])
@@ -182,6 +184,16 @@ def test_row_parse_reasons(line, reason):
     with pytest.raises(BadSample) as err:
         parse_grit_row(line)
     assert err.value.reason == reason
+
+
+def test_float_width_height_columns_are_accepted(official_tok):
+    # some dumps write 640.0; the official loader never reads these columns, so such a row trains as any other
+    line = grit_line().split("\t")
+    line[3], line[4] = "448.0", "224.0"
+    row = parse_grit_row("\t".join(line))
+    assert (row.width, row.height) == (448, 224)
+    ids = GritSampleMaker(official_tok, GritSettings(use_object_bbox_prob=1.0))(random.Random(0), "\t".join(line), Counter())
+    assert ids.tokens[-len(caption_ids(official_tok, "expression")):] == caption_ids(official_tok, "expression")
 
 
 @pytest.mark.parametrize("size, only_resize", [((90, 60), False), ((50, 77), False), ((64, 64), False), ((90, 60), True)])

@@ -25,8 +25,9 @@ def small_corpus(out: Path, seed=0) -> dict:
 
 
 def tree_digest(root: Path) -> dict:
+    """md5 of every file but the run records (manifests, the builder's settings and summaries: paths and timings)."""
     return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != "manifest.json"}
+            if p.is_file() and p.name not in ("manifest.json", "build.json") and not p.name.endswith("summary.json")}
 
 
 def test_synthetic_corpus_is_deterministic(tmp_path):
@@ -38,17 +39,29 @@ def test_synthetic_corpus_is_deterministic(tmp_path):
     assert tree_digest(tmp_path / "c") != a
 
 
-def test_tsv_rows_round_trip_the_json(tmp_path):
-    summary = small_corpus(tmp_path)["grit"]
-    assert summary == {"shards": 3, "samples": 60, "rows_written": 60, "caption_only_rows": 0, "skipped": {}}
+def test_tsv_rows_round_trip_the_builder_records(tmp_path):
+    manifest = small_corpus(tmp_path)
+    built, summary = manifest["grit_build"], manifest["grit"]
+    # the GRIT builder drops pairs without a confident box; prepare_grit writes a row for every pair it kept
+    assert built["pairs_in"] == 60 == built["pairs_out"] + sum(built["pairs_dropped"].values())
+    assert 50 <= built["pairs_out"] <= 60 and set(built["pairs_dropped"]) <= {"no_confident_box", "no_detection"}
+    dropped = 60 - built["pairs_out"]
+    assert summary == {"shards": 3, "samples": 60, "rows_written": built["pairs_out"], "caption_only_rows": 0,
+                       "skipped": {"no_grit_record": dropped} if dropped else {}}
+    records = {r["key"]: r for r in map(json.loads, (tmp_path / "grit_jsonl" / "grit-00000-of-00001.jsonl").open())}
     first = (tmp_path / "grit" / "grit_00000.tsv").read_text().splitlines()[0]
     columns = first.split("\t")
     row = parse_grit_row(first)
     meta = json.loads((tmp_path / "raw" / "00000" / "000000000.json").read_text())
     assert len(columns) == 6 and row.caption == meta["caption"] and (row.width, row.height) == (meta["width"], meta["height"])
-    assert row.annotations == {"phrase": meta["noun_chunks"], "expression_v1": meta["ref_exps"]}
+    assert row.annotations == {"phrase": records["000000000"]["noun_chunks"], "expression_v1": records["000000000"]["ref_exps"]}
     assert decode_image(row.image_b64).size == (meta["width"], meta["height"])
     assert columns[0] == hashlib.md5(__import__("base64").b64decode(columns[2])).hexdigest()
+    # every box of the corpus is a true shape box (or the background) named by its chunk, above the threshold
+    for record in records.values():
+        objects = {tuple(o["box"]): o["name"] for o in json.loads((tmp_path / "raw" / "00000" / f"{record['key']}.json").read_text())["scene"]["objects"]}
+        for start, end, *box, score in record["noun_chunks"]:
+            assert score > 0.65 and set(objects[tuple(box)].split()) <= set(record["caption"][start:end].split())
     config = json.loads((tmp_path / "grit" / "json" / "train.json").read_text())
     assert config == [{"source": ["grit_00000.tsv", "grit_00001.tsv", "grit_00002.tsv"], "source_lang": "grit",
                        "weight": 1.0, "name": "grit"}]

@@ -11,6 +11,7 @@ import base64
 import binascii
 import hashlib
 import io
+import math
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -62,10 +63,15 @@ def parse_annotations(text: str) -> dict:
 
 
 def parse_size(text: str) -> int:
-    text = text.strip()
-    if not text.isdigit() or int(text) <= 0:
-        raise BadSample("bad_size", f"width/height column {text[:20]!r} is not a positive integer")
-    return int(text)
+    """A width/height column: any positive number, "640" or "640.0" (some dumps write floats). The loader never uses
+    these columns for labels (the decoded image's size positions the crop), like the official one."""
+    try:
+        value = float(text.strip())
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise BadSample("bad_size", f"width/height column {text[:20]!r} is not a positive number")
+    return max(1, round(value))
 
 
 def parse_grit_row(line: str) -> GritRow:

@@ -1,4 +1,5 @@
-"""Synthetic grounding scenes: coloured shapes on plain backgrounds, with GRIT-style annotations.
+"""Synthetic grounding scenes: coloured shapes on plain backgrounds, captioned, with a scene description (true boxes
+and simulated detector confidences) from which data/build_grit.py makes the GRIT annotations.
 
 The corpus is the project's embedded default: `train.sh` trains the tiny preset on it in minutes and must then
 ground held-out referring expressions. Everything here is therefore chosen to be *learnable fast*:
@@ -31,7 +32,8 @@ BACKGROUNDS = {
     "black": (20, 20, 20),
     "beige": (225, 210, 175),
 }
-# GLIP-like confidences: shapes are confidently detected, backgrounds are not (they fall under the 0.65 threshold).
+# Simulated detector (GLIP-like) confidences: shapes are confidently detected, backgrounds are not (they fall under
+# the builder's 0.65 threshold).
 SHAPE_SCORE_RANGE = (0.70, 0.99)
 LOW_SCORE_RANGE = (0.30, 0.60)
 
@@ -179,18 +181,16 @@ def referring_expression(rng: random.Random, scene: Scene, target: Shape) -> tup
     return head, [(0, len(head), target)]
 
 
-def expression_caption(rng: random.Random, scene: Scene, low_score_prob: float) -> tuple[str, list, list]:
-    """Caption = one referring expression (the evaluation format). Returns caption, noun_chunks, ref_exps."""
+def expression_caption(rng: random.Random, scene: Scene, low_score_prob: float) -> tuple[str, dict[int, float]]:
+    """Caption = one referring expression (the evaluation format). Returns the caption and the confidence the
+    simulated detector gives each shape the caption names (index into scene.shapes -> score)."""
     target = rng.choice(scene.shapes)
     text, phrases = referring_expression(rng, scene, target)
-    score = _shape_score(rng, low_score_prob)
-    w, h = scene.width, scene.height
-    ref_exps = [_entry(s, e, shape.norm_box(w, h), score if shape is target else _shape_score(rng, low_score_prob))
-                for s, e, shape in phrases]
-    # noun chunks are the minimal phrases (the whole expression only when it is itself minimal)
-    minimal = phrases[1:] if len(phrases) > 1 else phrases
-    noun_chunks = [_entry(s, e, shape.norm_box(w, h), score) for s, e, shape in minimal]
-    return text, noun_chunks, ref_exps
+    scores = {scene.shapes.index(target): round(_shape_score(rng, low_score_prob), 4)}
+    for _, _, shape in phrases:
+        if shape is not target:
+            scores[scene.shapes.index(shape)] = round(_shape_score(rng, low_score_prob), 4)
+    return text, scores
 
 
 def article(word: str) -> str:
@@ -221,12 +221,26 @@ def scene_caption(rng: random.Random, scene: Scene, low_score_prob: float, space
     return text, noun_chunks, ref_exps
 
 
+def scene_description(scene: Scene, scores: dict[int, float], background_score: float | None) -> dict:
+    """What the GRIT builder's `synthetic` grounder knows of an image: every object's normalised box and the
+    confidence the simulated detector gives it (null for an object the caption does not name, since no phrase asks
+    for it); the background is an object covering the whole image."""
+    w, h = scene.width, scene.height
+    objects = [{"name": s.name, "box": s.norm_box(w, h), "score": scores.get(k)} for k, s in enumerate(scene.shapes)]
+    objects.append({"name": f"{scene.background} background", "box": [0.0, 0.0, 1.0, 1.0], "score": background_score})
+    return {"objects": objects}
+
+
 def grit_record(rng: random.Random, scene: Scene, key: str, expression_frac: float, low_score_prob: float) -> dict:
-    """The img2dataset json of one sample, with the GRIT fields (docs/official_behaviour.md#grit-source-format)."""
+    """The img2dataset json of one image-caption pair with its scene description; data/build_grit.py (grounder
+    `synthetic`) turns it into the GRIT fields."""
     if rng.random() < expression_frac:
-        caption, noun_chunks, ref_exps = expression_caption(rng, scene, low_score_prob)
+        caption, scores = expression_caption(rng, scene, low_score_prob)
+        background_score = None
     else:
-        caption, noun_chunks, ref_exps = scene_caption(rng, scene, low_score_prob)
+        caption, noun_chunks, _ = scene_caption(rng, scene, low_score_prob)
+        scores = {k: chunk[-1] for k, chunk in enumerate(noun_chunks[:-1])}  # one chunk per shape, then the background
+        background_score = noun_chunks[-1][-1]
     return {
         "key": key,
         "id": int(key),
@@ -236,8 +250,7 @@ def grit_record(rng: random.Random, scene: Scene, key: str, expression_frac: flo
         "height": scene.height,
         "clip_similarity_vitb32": 0.35,
         "clip_similarity_vitl14": 0.35,
-        "noun_chunks": noun_chunks,
-        "ref_exps": ref_exps,
+        "scene": scene_description(scene, scores, background_score),
         "status": "success",
     }
 
