@@ -34,6 +34,8 @@ from kosmos2.data.text import TextDocMaker, make_packer
 logger = logging.getLogger(__name__)
 
 STREAMS = ("vl_interleaved", "vl_laion", "gpt")  # order of --data-weights (interleaved, GRIT, text)
+# the DataConfig field holding each stream's micro-batch size
+BATCH_SIZE_FIELDS = {"vl_interleaved": "interleaved_batch_size", "vl_laion": "laion_batch_size", "gpt": "max_sentences"}
 
 
 @dataclass
@@ -63,6 +65,13 @@ class DataConfig:
     num_workers: int = 0                          # 0: in-process; W >= 1: W forked prefetch workers per stream
     prefetch_buffer: int = 8                      # batches buffered per worker
     log_interval: int = 50                        # batches between skip-count log lines (0: never)
+
+    def batch_size(self, stream: str) -> int:
+        return getattr(self, BATCH_SIZE_FIELDS[stream])
+
+    def most_frequent_batch_size(self) -> int:
+        """The micro-batch size of the stream with the largest weight (the first of equal ones)."""
+        return self.batch_size(max(zip(STREAMS, self.data_weights), key=lambda item: item[1])[0])
 
     def grit_settings(self) -> GritSettings:
         grounding = GroundingSettings(mode=self.phrase_mode, box_score_threshold=self.box_score_threshold,
@@ -100,12 +109,12 @@ def read_data_config(data_dir: str | Path, split: str) -> list[tuple[list[str], 
 def _stream_parts(kind: str, cfg: DataConfig, tokenizer):
     """(data dir, config split, make_sample, batch size) of a stream."""
     if kind == "vl_laion":
-        return cfg.laion_data_dir, "train", GritSampleMaker(tokenizer, cfg.grit_settings()), cfg.laion_batch_size
+        return cfg.laion_data_dir, "train", GritSampleMaker(tokenizer, cfg.grit_settings()), cfg.batch_size(kind)
     if kind == "gpt":
-        return cfg.data, cfg.train_json_split_name, TextDocMaker(tokenizer, cfg.tokens_per_sample), cfg.max_sentences
+        return cfg.data, cfg.train_json_split_name, TextDocMaker(tokenizer, cfg.tokens_per_sample), cfg.batch_size(kind)
     maker = InterleavedDocMaker(tokenizer, cfg.interleaved_data_dir, cfg.input_resolution, cfg.latent_query_num,
                                 cfg.tokens_per_sample, cfg.max_image_num, cfg.training_image_only_resize)
-    return cfg.interleaved_data_dir, "train", maker, cfg.interleaved_batch_size
+    return cfg.interleaved_data_dir, "train", maker, cfg.batch_size(kind)
 
 
 def worker_pipeline(kind: str, cfg: DataConfig, tokenizer, instance: int, instances: int) -> CheckpointableIterator:
