@@ -121,8 +121,8 @@ def fp32_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
                                 f"deleted or not copied along")
     with restricted_loading():
         master = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=info["tag"])
-    weights = {key: value.float() for key, value in state["model"].items()}
-    weights.update({key: value.float() for key, value in master.items()})
+    weights = {key: value.detach().float() for key, value in state["model"].items()}
+    weights.update({key: value.detach().float() for key, value in master.items()})
     return weights
 
 
