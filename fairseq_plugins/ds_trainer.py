@@ -135,10 +135,11 @@ class DeepSpeedTrainer(Trainer):
             if not torch.isfinite(grad_norm):
                 raise FloatingPointError("gradients are Nan/Inf")
             self.set_num_updates(self.get_num_updates() + 1)
-            if self.cuda:
+            if self.cuda:  # as fairseq's trainer logs it
                 gb_used = torch.cuda.max_memory_allocated() / 1024 ** 3
                 torch.cuda.reset_peak_memory_stats()
-                metrics.log_scalar("gb_used", gb_used, priority=1500, round=1, weight=0)
+                metrics.log_scalar("gb_free", self.cuda_env.total_memory_in_GB - gb_used, priority=1500, round=1,
+                                   weight=0)
             logging_output = self._reduce_and_log_stats(logging_outputs, sample_size, grad_norm)
         else:
             logger.info("NOTE: gradient overflow detected, ignoring gradient (loss scale now %s)", self.loss_scale())

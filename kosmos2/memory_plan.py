@@ -92,16 +92,17 @@ def model_state_bytes(counts: dict[str, int], setup: TrainSetup) -> dict[str, in
 
 
 def cpu_bytes_per_node(counts: dict[str, int], setup: TrainSetup) -> int:
-    """Host memory of --offload (fp32 master weights, gradients, Adam moments of the node's shards), else 0."""
+    """Host memory of --offload: fp32 master weights, gradients and Adam moments of the node's shards (16 bytes per
+    trained parameter), plus half again for pinned transfer buffers as DeepSpeed's estimator allows; else 0."""
     if not setup.offload:
         return 0
     per_node = setup.gpus_per_node or min(setup.gpus, 8)
-    return 16 * counts["trainable"] * per_node // setup.gpus
+    return int(1.5 * 16 * counts["trainable"] * per_node / setup.gpus)
 
 
 def buffer_bytes(counts: dict[str, int], setup: TrainSetup) -> int:
     if setup.zero == 0:
-        return 2 * counts["trainable"]  # DDP's gradient buckets
+        return 2 * counts["trainable"] if setup.gpus > 1 else 0  # DDP's gradient buckets (one process: no DDP)
     buckets = 2 if setup.zero == 3 else 3  # reduce bucket (double-buffered with overlap_comm) + all-gather bucket
     return buckets * 2 * min(ZERO_BUCKET_ELEMENTS, counts["trainable"])
 

@@ -105,7 +105,7 @@ def test_bench_memory_command_prints_the_table_and_json(capsys):
     out = capsys.readouterr().out
     assert "ZeRO-2 + CPU offload" in out and "fits a 24 GB card: yes" in out
     assert json.loads(out.strip().splitlines()[-1]) == json.loads(json.dumps(result))
-    assert result["fits"] and result["cpu_per_node"] == 16 * result["params"]["trainable"]
+    assert result["fits"] and result["cpu_per_node"] == 24 * result["params"]["trainable"]
     no_offload = plan(TrainSetup(gpus=1, zero=2, gpu_memory=24 * GIB))
     assert not no_offload["fits"]  # 18 bytes per trained parameter alone exceed 24 GB
 
