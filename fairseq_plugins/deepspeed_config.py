@@ -25,9 +25,8 @@ import json
 import math
 from pathlib import Path
 
-# Reduce / all-gather buckets of ZeRO-1/2, in elements. DeepSpeed's default (5e8) holds 1 GB per 16-bit bucket, which
-# a 24 GB card cannot spare next to xl; 2e8 keeps the collectives large. The memory planner counts the same buffers.
-ZERO_BUCKET_ELEMENTS = 200_000_000
+from kosmos2.memory_plan import ZERO_BUCKET_ELEMENTS  # the buckets the memory planner counts
+
 # defaults of build_config that a --deepspeed-config file may change (no fairseq flag decides them)
 TUNABLE = {"zero_optimization.reduce_bucket_size", "zero_optimization.allgather_bucket_size",
            "zero_optimization.overlap_comm", "zero_optimization.contiguous_gradients", "steps_per_print",

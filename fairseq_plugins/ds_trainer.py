@@ -181,6 +181,8 @@ class DeepSpeedTrainer(Trainer):
             deepspeed_checkpoint.prune_tags(save_dir, keep={tag})
         self.engine.save_checkpoint(os.path.join(save_dir, deepspeed_checkpoint.DEEPSPEED_DIR), tag=tag,
                                     save_latest=False)
+        if self.data_parallel_world_size > 1:
+            torch.distributed.barrier()  # every shard is on disk before rank 0 writes the .pt that names the tag
         return {
             "args": None,
             "cfg": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),

@@ -30,6 +30,17 @@ logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s
 # fairseq 0.12 drives hydra through long-deprecated entry points; the warnings say nothing actionable to a user
 warnings.filterwarnings("ignore", message=r"(?s).*(hydra|Hydra|ConfigStore|strict flag|_group_)", category=UserWarning)
 
+
+def select_deepspeed_accelerator(argv: list[str]) -> None:
+    """DeepSpeed picks its accelerator when first imported, which fairseq's optimizer registry already does (it
+    imports deepspeed when installed): a `--deepspeed --cpu` run must pick the CPU one before fairseq is imported, or
+    on a machine with GPUs DeepSpeed would take CUDA."""
+    if "--deepspeed" in argv and "--cpu" in argv:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+select_deepspeed_accelerator(sys.argv)
+
 import fairseq_plugins  # noqa: F401  (registers the task, model, criterion, optimizer; installs the glue)
 from fairseq import options
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
@@ -87,15 +98,11 @@ def fix_distributed_flags(args) -> None:
 
 
 def check_deepspeed_flags(args) -> dict | None:
-    """The DeepSpeed settings (None without --deepspeed). DeepSpeed picks its accelerator when first imported:
-    with --cpu that must be the CPU one even on a machine with GPUs."""
+    """The DeepSpeed settings (None without --deepspeed)."""
     try:
-        settings = deepspeed_config.check_args(args)
+        return deepspeed_config.check_args(args)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    if settings and args.cpu:
-        os.environ["DS_ACCELERATOR"] = "cpu"
-    return settings
 
 
 def parse(argv: list[str]):

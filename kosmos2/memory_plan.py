@@ -40,7 +40,10 @@ import torch
 GIB = 2 ** 30
 CUDA_CONTEXT_BYTES = int(0.75 * GIB)  # CUDA context + kernels, outside PyTorch's allocator (varies by card/driver)
 FRAGMENTATION = 0.05  # allocator slack on top of the live tensors
-ZERO_BUCKET_ELEMENTS = 200_000_000  # = fairseq_plugins.deepspeed_config.ZERO_BUCKET_ELEMENTS (no fairseq import here)
+# ZeRO-1/2's reduce and all-gather buckets, in elements (fairseq_plugins/deepspeed_config.py configures DeepSpeed with
+# it). DeepSpeed's default, 5e8, holds 1 GB per 16-bit bucket, which a 24 GB card cannot spare next to xl; 2e8 still
+# keeps the collectives large.
+ZERO_BUCKET_ELEMENTS = 200_000_000
 
 
 @dataclass

@@ -219,8 +219,12 @@ def test_inconsistent_flags_are_refused_with_what_to_change(extra, message):
 
 def test_cpu_deepspeed_selects_the_cpu_accelerator_and_allows_bf16(monkeypatch):
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    train_entry.select_deepspeed_accelerator(["x", "--deepspeed", "--zero", "2"])
+    assert "DS_ACCELERATOR" not in os.environ  # a GPU run keeps DeepSpeed's own choice
+    train_entry.select_deepspeed_accelerator(["x", "--deepspeed", "--zero", "2", "--cpu"])
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
     args = parse(["--deepspeed", "--zero", "1", "--cpu", "--bf16"])
-    assert os.environ["DS_ACCELERATOR"] == "cpu" and args.distributed_backend == "gloo" and not args.tpu
+    assert args.distributed_backend == "gloo" and not args.tpu
     cfg = train_entry.to_config(args)
     assert dict(cfg.deepspeed) == {"zero": 1, "offload": False, "config_file": None}
 
