@@ -199,7 +199,7 @@ def check_attention(setting: Setting) -> dict:
         kernel = "flash"
     elif re.search(r"fmha|efficient|cutlass", joined):
         kernel = "memory_efficient"
-    elif "train_attention" in joined or "kosmos2" in joined:
+    elif "trainattention" in joined.replace("_", ""):  # kosmos2/model/train_attention.py (fp32 training on CPU)
         kernel = "kosmos2 CPU training kernel"
     elif "flash" in joined:
         kernel = "flash (CPU)"
