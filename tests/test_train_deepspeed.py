@@ -4,6 +4,7 @@ and give the parameters of fairseq's DDP; kill -9 and resume under ZeRO-2 gives 
 the checkpoints load everywhere a checkpoint is read. fp16 and ZeRO-Offload need a GPU (DeepSpeed's CPU accelerator
 has no fp16, and offloading to the CPU the optimizer already runs on is meaningless): their test runs where CUDA is
 available and scripts/gpu_check.sh covers them."""
+import contextlib
 import json
 import os
 import pickle
@@ -136,7 +137,12 @@ def test_kill_9_and_resume_under_zero2_gives_the_uninterrupted_losses(corpus, im
     deadline = time.time() + 600
     while not (killed / "checkpoint_last.pt").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)  # launcher and both ranks at once
+    # SIGKILL to the launcher and both ranks (torchrun starts its workers in sessions of their own: find them by
+    # descent; a killed torchrun leaves them running otherwise)
+    import psutil
+    for proc in [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGKILL)
     process.wait()
     restored = torch.load(killed / "checkpoint_last.pt", weights_only=True)["optimizer_history"][-1]["num_updates"]
     assert 3 <= restored < 10, f"the run was not killed mid-training (checkpoint at update {restored})"
