@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -174,11 +175,20 @@ def read_jsonl(path, what: str) -> list[dict]:
     return rows
 
 
+def write_lines(path, lines: Iterable[str]) -> None:
+    """Write text lines atomically: processes writing the same file at once (the ranks of a data-parallel
+    evaluation cooking the same prompts) each replace it whole, and a reader never sees a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(line + "\n")
+    os.replace(tmp, path)
+
+
 def write_jsonl(path, rows: Iterable[dict]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_lines(path, (json.dumps(row, ensure_ascii=False) for row in rows))
 
 
 def official_prompt_line(item: dict) -> str:
@@ -194,10 +204,7 @@ def write_prompts(path, items: Sequence[dict], official: bool = False) -> None:
     if not official:
         write_jsonl(path, items)
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for item in items:
-            f.write(official_prompt_line(item) + "\n")
+    write_lines(path, (official_prompt_line(item) for item in items))
 
 
 def cook_parser(description: str, source: str, source_help: str, image_root_help: str,

@@ -16,10 +16,10 @@ for split in "${splits[@]}"; do
     ann_json="$mdetr_dir/finetune_$split.json"
     prefix=$(out_prefix "$checkpoint" "$split")
     $PYTHON -m evaluation.refcoco.cook_data "$ann_json" "$coco" --out "$prefix.prompts.jsonl"
-    $PYTHON -m evaluation.runner --checkpoint "$checkpoint" --prompts "$prefix.prompts.jsonl" \
+    "${RUNNER[@]}" evaluation.runner --checkpoint "$checkpoint" --prompts "$prefix.prompts.jsonl" \
         --out "$prefix.predictions.jsonl" "${RUNNER_ARGS[@]}"
-    $PYTHON evaluation/refcoco/refexp_evaluate.py "$prefix.predictions.jsonl" "$ann_json" --quantized_size 32 \
+    score $PYTHON evaluation/refcoco/refexp_evaluate.py "$prefix.predictions.jsonl" "$ann_json" --quantized_size 32 \
         --out "$prefix.results"
     results+=("$prefix.results.json")
 done
-$PYTHON -m evaluation.refcoco.make_table "${results[@]}" --out "$(out_prefix "$checkpoint" refcoco_table.md)"
+score $PYTHON -m evaluation.refcoco.make_table "${results[@]}" --out "$(out_prefix "$checkpoint" refcoco_table.md)"

@@ -15,8 +15,8 @@ for shots in "${shots_list[@]}"; do
     demo_args=()
     [[ $shots -gt 0 ]] && demo_args=(--shots "$shots" --demo_file "$mdetr_dir/finetune_refcocog_train.json")
     $PYTHON -m evaluation.reg.cook_data "$ann_json" "$coco" "${demo_args[@]}" --out "$prefix.prompts.jsonl"
-    $PYTHON -m evaluation.runner --checkpoint "$checkpoint" --prompts "$prefix.prompts.jsonl" \
+    "${RUNNER[@]}" evaluation.runner --checkpoint "$checkpoint" --prompts "$prefix.prompts.jsonl" \
         --out "$prefix.predictions.jsonl" "${RUNNER_ARGS[@]}"
-    $PYTHON evaluation/reg/reg_evaluate.py "$prefix.predictions.jsonl" --annotation_file "$ann_json" \
+    score $PYTHON evaluation/reg/reg_evaluate.py "$prefix.predictions.jsonl" --annotation_file "$ann_json" \
         --out "$prefix.results"
 done

@@ -15,6 +15,9 @@ Rows also record the checkpoint. The output is appended batch by batch; re-runni
 already there (a line cut off by a crash is dropped and redone; a file written from other prompts or another checkpoint
 is refused), so a long evaluation survives interruption. --limit N keeps the first N prompts.
 
+Under `torchrun` (one process per GPU, any number of nodes) the ranks share the prompts and the output is the file a
+single process writes: see evaluation/data_parallel.py.
+
 Decoding is greedy (the official evaluation: beam 1, no-repeat-ngram 3). Every scored box comes right after its phrase,
 and greedy decoding of later tokens cannot change earlier ones, so --max-new-tokens only needs to cover the grounded
 part; the official max-len-b 500 (prompt included) can be mirrored with a larger value.
@@ -33,6 +36,7 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from evaluation import data_parallel
 from evaluation.common import EvaluationInputError, read_prompt_file, warn
 
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -49,8 +53,9 @@ def load_model(checkpoint: str, device: str = "cpu", dtype: str = "float32"):
 # --------------------------------------------------------------------------------------------------------------------
 # resuming
 
-def finished_ids(out_path: Path, items_by_id: dict[str, dict], checkpoint: str | None = None) -> set[str]:
-    """Ids already in `out_path`, after dropping a last line cut off by a crash.
+def finished_ids(out_path: Path, items_by_id: dict[str, dict], checkpoint: str | None = None,
+                 repair: bool = True) -> set[str]:
+    """Ids already in `out_path`, after dropping a last line cut off by a crash (from the file too with `repair`).
 
     A finished line must belong to this prompt file (same id, same prompt) and this checkpoint; anything else means
     --out points at the predictions of another run, and resuming would silently mix two runs.
@@ -60,7 +65,7 @@ def finished_ids(out_path: Path, items_by_id: dict[str, dict], checkpoint: str |
     # every row is written as one JSON text plus "\n" (json.dumps escapes newlines), so only the text after the
     # last "\n" can be incomplete
     *complete, tail = out_path.read_bytes().split(b"\n")
-    if tail.strip():
+    if tail.strip() and repair:
         warn(f"[runner] {out_path}: dropping an unfinished last line ({len(tail)} bytes) left by an interrupted run")
         out_path.write_bytes(b"".join(line + b"\n" for line in complete))
     done = set()
@@ -123,10 +128,12 @@ def score_rows(model, batch: Sequence[dict], batch_size: int) -> list[dict]:
 
 
 def run(model, items: Sequence[dict], out_path, batch_size: int = 8, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-        limit: int | None = None, progress: bool = True, checkpoint: str | None = None) -> dict:
+        limit: int | None = None, progress: bool = True, checkpoint: str | None = None,
+        ranks: data_parallel.Ranks | None = None) -> dict:
     """Predict every item not yet in `out_path` and append the rows; returns counts.
 
     checkpoint: recorded in every row and checked when resuming (None: neither).
+    ranks: this process's share under torchrun (default: from the environment; evaluation/data_parallel.py).
     """
     if limit is not None:
         items = items[:limit]
@@ -135,10 +142,38 @@ def run(model, items: Sequence[dict], out_path, batch_size: int = 8, max_new_tok
     scoring = any("continuations" in item for item in items)
     if scoring and not all("continuations" in item for item in items):
         raise EvaluationInputError("some prompts have `continuations` and some do not; one prompt file, one mode")
-    done = finished_ids(out_path, {item["id"]: item for item in items}, checkpoint)
+    items_by_id = {item["id"]: item for item in items}
+    ranks = ranks or data_parallel.current()
+    if ranks.world_size == 1:
+        done = finished_ids(out_path, items_by_id, checkpoint)
+        todo = [item for item in items if item["id"] not in done]
+        predict(model, todo, out_path, scoring, batch_size, max_new_tokens, checkpoint, progress, len(items))
+        return {"prompts": len(items), "skipped_finished": len(done), "predicted": len(todo),
+                "mode": "score" if scoring else "generate"}
+
+    part = data_parallel.part_path(out_path, ranks)
+    finished_ids(part, items_by_id, checkpoint)  # repairs this rank's own part file, if a crash cut it off
+    ranks.barrier()  # no rank writes until all have read the same finished rows
+    done = finished_ids(out_path, items_by_id, checkpoint, repair=False)
+    for path in data_parallel.part_paths(out_path):
+        done |= finished_ids(path, items_by_id, checkpoint, repair=False)
+    ranks.barrier()
     todo = [item for item in items if item["id"] not in done]
+    mine = data_parallel.shard(todo, batch_size, ranks)
+    predict(model, mine, part, scoring, batch_size, max_new_tokens, checkpoint, progress and ranks.is_main, len(mine))
+    ranks.barrier()
+    missing = data_parallel.merge(out_path, items) if ranks.is_main else 0
+    ranks.barrier()  # the merged file exists for every rank from here on
+    return {"prompts": len(items), "skipped_finished": len(done), "predicted": len(todo),
+            "mode": "score" if scoring else "generate", "rank": ranks.rank, "world_size": ranks.world_size,
+            "predicted_by_this_rank": len(mine), "missing_after_merge": missing}
+
+
+def predict(model, todo: Sequence[dict], out_path: Path, scoring: bool, batch_size: int, max_new_tokens: int,
+            checkpoint: str | None, progress: bool, total: int) -> None:
+    """Append one row per item of `todo` to `out_path`, batch by batch (a crash loses at most the batch in flight)."""
     with open(out_path, "a", encoding="utf-8") as out, \
-            tqdm(total=len(items), initial=len(items) - len(todo), desc=out_path.name, unit="prompt",
+            tqdm(total=total, initial=total - len(todo), desc=out_path.name, unit="prompt",
                  disable=not progress, file=sys.stderr) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
@@ -148,10 +183,8 @@ def run(model, items: Sequence[dict], out_path, batch_size: int = 8, max_new_tok
                 for row in rows:
                     row["checkpoint"] = checkpoint
             out.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-            out.flush()  # a crash loses at most the batch in flight
+            out.flush()
             bar.update(len(batch))
-    return {"prompts": len(items), "skipped_finished": len(done), "predicted": len(todo),
-            "mode": "score" if scoring else "generate"}
 
 
 def main(argv=None):
@@ -162,25 +195,27 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts (smoke runs)")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--device", default=None, help="default: cuda when available (under torchrun: the rank's "
+                                                         "own GPU), else cpu")
     parser.add_argument("--dtype", default="float32", help="float32 (the official evaluation), bfloat16 or float16")
     args = parser.parse_args(argv)
     try:
+        ranks = data_parallel.current()
         items = read_prompt_file(args.prompts)
-        model = load_model(args.checkpoint, args.device or default_device(), args.dtype)
+        model = load_model(args.checkpoint, args.device or default_device(ranks), args.dtype)
         counts = run(model, items, args.out, args.batch_size, args.max_new_tokens, args.limit,
-                     checkpoint=str(Path(args.checkpoint).resolve()))
+                     checkpoint=str(Path(args.checkpoint).resolve()), ranks=ranks)
     except EvaluationInputError as e:
         sys.exit(f"error: {e}")
-    print(f"{args.out}: {counts['predicted']} predicted, {counts['skipped_finished']} already done "
-          f"({counts['mode']} mode, {counts['prompts']} prompts)")
+    if ranks.is_main:
+        shared = f" by {ranks.world_size} ranks" if ranks.world_size > 1 else ""
+        print(f"{args.out}: {counts['predicted']} predicted{shared}, {counts['skipped_finished']} already done "
+              f"({counts['mode']} mode, {counts['prompts']} prompts)")
     return counts
 
 
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def default_device(ranks: data_parallel.Ranks | None = None) -> str:
+    return data_parallel.device(ranks or data_parallel.Ranks())
 
 
 if __name__ == "__main__":

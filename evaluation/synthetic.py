@@ -25,7 +25,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from evaluation import runner
+from evaluation import data_parallel, runner
 from evaluation.common import EvaluationInputError, markdown_table, read_json, write_prompts, write_results
 from evaluation.flickr_entities import flickr_entities_evaluate
 from evaluation.flickr_entities.cook_data import phrase_items
@@ -62,6 +62,8 @@ def evaluate_set(model, spec: dict, out_dir: Path, args, checkpoint_id: str) -> 
     predictions = out_dir / f"{spec['name']}.predictions.jsonl"
     runner.run(model, items, predictions, args.batch_size, args.max_new_tokens, args.limit,
                progress=not args.quiet, checkpoint=checkpoint_id)
+    if not data_parallel.current().is_main:
+        return {}
     if spec["task"] == "refcoco":
         results = refexp_evaluate.evaluate(spec["annotation"], predictions)
         counts = results["counts"]["per_dataset"]
@@ -90,11 +92,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(args.checkpoint)
     try:
+        ranks = data_parallel.current()  # under torchrun the ranks share every set's prompts (data_parallel.py)
         sets = eval_sets(Path(args.data_dir))
-        model = runner.load_model(args.checkpoint, args.device or runner.default_device(), args.dtype)
+        model = runner.load_model(args.checkpoint, args.device or runner.default_device(ranks), args.dtype)
         outcomes = [evaluate_set(model, spec, out_dir, args, str(Path(args.checkpoint).resolve())) for spec in sets]
     except EvaluationInputError as e:
         sys.exit(f"error: {e}")
+    if not ranks.is_main:
+        return None  # rank 0 scores the merged predictions and writes the results
     total_prompts = sum(o["prompts"] for o in outcomes)
     grounding_acc = sum(o["hits"] for o in outcomes) / total_prompts
     summary = {"checkpoint": args.checkpoint, "grounding_acc@0.5": grounding_acc,

@@ -10,4 +10,4 @@ extra=(--dtype "${DTYPE:-float32}")
 [[ -n "${DEVICE:-}" ]] && extra+=(--device "$DEVICE")
 [[ -n "${LIMIT:-}" ]] && extra+=(--limit "$LIMIT")
 [[ -n "${BATCH_SIZE:-}" ]] && extra+=(--batch-size "$BATCH_SIZE")
-exec $PYTHON -m evaluation.synthetic --checkpoint "$checkpoint" "${extra[@]}" "$@"
+exec "${RUNNER[@]}" evaluation.synthetic --checkpoint "$checkpoint" "${extra[@]}" "$@"

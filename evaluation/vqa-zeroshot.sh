@@ -10,8 +10,8 @@ checkpoint=$1 questions=$2 coco=$3 annotations=${4:-}
 prefix=$(out_prefix "$checkpoint" "vqa.$(basename "$questions" .json)")
 
 $PYTHON -m evaluation.vqa.cook_data "$questions" "$coco" --out "$prefix.prompts.jsonl"
-$PYTHON -m evaluation.runner --checkpoint "$checkpoint" --prompts "$prefix.prompts.jsonl" \
+"${RUNNER[@]}" evaluation.runner --checkpoint "$checkpoint" --prompts "$prefix.prompts.jsonl" \
     --out "$prefix.predictions.jsonl" "${RUNNER_ARGS[@]}"
 score_args=(--submission "$prefix.submission.json")
 [[ -n $annotations ]] && score_args+=(--annotations "$annotations" --out "$prefix.results")
-$PYTHON evaluation/vqa/vqa_evaluate.py "$prefix.predictions.jsonl" --questions "$questions" "${score_args[@]}"
+score $PYTHON evaluation/vqa/vqa_evaluate.py "$prefix.predictions.jsonl" --questions "$questions" "${score_args[@]}"

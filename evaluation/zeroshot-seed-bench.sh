@@ -8,7 +8,7 @@ checkpoint=$1 seed_json=$2 images=$3
 prefix=$(out_prefix "$checkpoint" "seed_bench_image")
 
 $PYTHON -m evaluation.seed_bench.cook_data "$seed_json" "$images" --out "$prefix.prompts.jsonl"
-$PYTHON -m evaluation.runner --checkpoint "$checkpoint" --prompts "$prefix.prompts.jsonl" \
+"${RUNNER[@]}" evaluation.runner --checkpoint "$checkpoint" --prompts "$prefix.prompts.jsonl" \
     --out "$prefix.predictions.jsonl" "${RUNNER_ARGS[@]}"
-$PYTHON evaluation/seed_bench/seed_bench_evaluate.py "$prefix.predictions.jsonl" --seed_bench_file "$seed_json" \
+score $PYTHON evaluation/seed_bench/seed_bench_evaluate.py "$prefix.predictions.jsonl" --seed_bench_file "$seed_json" \
     --out "$prefix.results"

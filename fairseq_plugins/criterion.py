@@ -41,7 +41,7 @@ class UniGPTCriterion(FairseqCriterion):
             raise ValueError(f"expected one stream per micro-batch, got keys {sorted(sample)}")
         (stream, batch), = sample.items()
         target = batch["target"]
-        learned = batch["gpt_loss_mask"].bool() & target.ne(self.padding_idx)
+        learned = self.learned_mask(batch)
         logits = model(batch["src_tokens"], img_src_tokens=batch.get("img_src_tokens"),
                        img_gpt_input_mask=batch.get("img_gpt_input_mask"), logits_mask=learned)
         # fp32 log-softmax, as the official get_normalized_probs (matters with fp16/bf16 logits)
@@ -53,6 +53,15 @@ class UniGPTCriterion(FairseqCriterion):
             "nsentences": batch["nsentences"], f"{name}_loss": loss.detach(), f"{name}_sample_size": sample_size,
         }
         return loss, sample_size, logging_output
+
+    def learned_mask(self, batch: dict) -> torch.Tensor:
+        """[B,T] bool: the targets the loss covers (loss-masked, not padding)."""
+        return batch["gpt_loss_mask"].bool() & batch["target"].ne(self.padding_idx)
+
+    def sample_size(self, sample: dict) -> int:
+        """What forward returns as `sample_size`, without running the model (the DeepSpeed trainer normalises the
+        loss by the global batch's total before the backward passes)."""
+        return sum(int(self.learned_mask(batch).sum()) for batch in sample.values())
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:

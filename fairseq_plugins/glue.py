@@ -1,4 +1,4 @@
-"""Four small patches to stock fairseq 0.12, installed when the plugins are imported.
+"""Five small patches to stock fairseq 0.12, installed when the plugins are imported.
 
 1. Atomic checkpoint copies. fairseq writes the first checkpoint name of a save atomically (`.tmp` + rename) but
    *copies* it to the others (e.g. `checkpoint_1_5000.pt` -> `checkpoint_last.pt`) with a plain `shutil.copyfile`:
@@ -13,6 +13,9 @@
    real tie, the output head with the token embedding, is still found).
 4. `--ddp-backend pytorch_ddp` (or `c10d`) on CPU. fairseq passes `device_ids=[device_id]` to torch's
    DistributedDataParallel, which torch refuses for a CPU module; for CPU modules the ids are dropped (gloo runs).
+5. `--deepspeed`: fairseq_cli.train builds its `Trainer(cfg, ...)`; with DeepSpeed settings in the config
+   (fairseq_plugins/train.py puts them there) the DeepSpeedTrainer of ds_trainer.py is built instead, as the
+   official fork's fairseq_cli/train.py did.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from fairseq import checkpoint_utils
 from fairseq import trainer as fairseq_trainer
 from fairseq.file_io import PathManager
 from fairseq.models import distributed_fairseq_model
+from fairseq_cli import train as fairseq_cli_train
 from torch.nn.parallel import DistributedDataParallel
 
 _original_copy = PathManager.copy
@@ -69,9 +73,19 @@ class CpuAwareDistributedDataParallel(DistributedDataParallel):
         super().__init__(module, device_ids=device_ids, output_device=output_device, **kwargs)
 
 
+def build_trainer(cfg, task, model, criterion, quantizer=None):
+    """fairseq's Trainer, or the DeepSpeedTrainer when the run has DeepSpeed settings (`--deepspeed --zero N`)."""
+    if cfg.get("deepspeed"):
+        from .ds_trainer import DeepSpeedTrainer  # imports deepspeed: only for runs that use it
+
+        return DeepSpeedTrainer(cfg, task, model, criterion, quantizer)
+    return fairseq_trainer.Trainer(cfg, task, model, criterion, quantizer)
+
+
 def install() -> None:
     """Idempotent: importing the plugins twice must not wrap twice."""
     PathManager.copy = staticmethod(atomic_copy)
     checkpoint_utils.save_checkpoint = save_checkpoint_with_rank_states
     fairseq_trainer._catalog_shared_params = catalog_real_shared_params
     distributed_fairseq_model.DistributedDataParallel = CpuAwareDistributedDataParallel
+    fairseq_cli_train.Trainer = build_trainer

@@ -10,6 +10,7 @@ the resolved `Kosmos2Config` back into `cfg.model`, so the checkpoint's `cfg.mod
 """
 
 import dataclasses
+import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,7 +117,25 @@ class UniGPTModel(Kosmos2Model, BaseFairseqModel):
 
     def forward(self, src_tokens, img_src_tokens=None, img_gpt_input_mask=None, logits_mask=None, **kwargs):
         """With `logits_mask` [B,T] bool: logits only at the marked positions, [N,V] (see Kosmos2Model.forward)."""
-        return super().forward(src_tokens, img_src_tokens, img_gpt_input_mask, logits_mask=logits_mask, **kwargs)
+        logits = super().forward(src_tokens, img_src_tokens, img_gpt_input_mask, logits_mask=logits_mask, **kwargs)
+        if self.training and (img_src_tokens is None or img_src_tokens.numel() == 0):
+            logits = logits + self.image_side_zero_tie()
+        return logits
+
+    def image_side_zero_tie(self) -> torch.Tensor | float:
+        """0 x the image side's output on one blank image: a micro-batch without images (the text stream) still
+        reaches every trainable image-side parameter, which thus gets a zero gradient.
+
+        Without it those parameters have no gradient in a text micro-batch, and each distributed backend handles that
+        differently: torch DDP stops ("Expected to have finished reduction in the prior iteration"), fairseq's
+        no_c10d and DeepSpeed fill in zeros (Adam still steps: moments decay, weight decay applies), a single process
+        skips them in Adam. With the tie every backend sees the same zero gradient and takes the same step."""
+        params = list(itertools.chain(self.img_model.parameters(), self.img_connector.parameters()))
+        if not any(p.requires_grad for p in params):
+            return 0.0
+        size = self.cfg.image_size
+        blank = torch.zeros(1, 3, size, size, dtype=params[0].dtype, device=params[0].device)
+        return self.encode_images(blank).sum() * 0.0
 
     def max_positions(self):
         return self.cfg.max_target_positions

@@ -9,6 +9,10 @@ plugins it fixes three things stock fairseq 0.12 gets wrong on today's stack, be
   `rank % torch.cuda.device_count()`, a division by zero on CPU. The launcher's LOCAL_RANK is used instead.
 * `--cpu` with the default NCCL backend cannot work: gloo is selected.
 
+`--deepspeed --zero {1,2,3}` [`--zero-offload`] [`--deepspeed-config FILE`] trains with a DeepSpeed ZeRO engine
+(fairseq_plugins/deepspeed_config.py, ds_trainer.py); the flags are checked here, and with `--cpu` DeepSpeed's CPU
+accelerator is selected (`DS_ACCELERATOR=cpu`, gloo), where `--bf16` then works too.
+
 A run that stops because fp16 training hit the minimum loss scale exits with a one-paragraph explanation.
 """
 from __future__ import annotations
@@ -26,11 +30,25 @@ logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s
 # fairseq 0.12 drives hydra through long-deprecated entry points; the warnings say nothing actionable to a user
 warnings.filterwarnings("ignore", message=r"(?s).*(hydra|Hydra|ConfigStore|strict flag|_group_)", category=UserWarning)
 
+
+def select_deepspeed_accelerator(argv: list[str]) -> None:
+    """DeepSpeed picks its accelerator when first imported, which fairseq's optimizer registry already does (it
+    imports deepspeed when installed): a `--deepspeed --cpu` run must pick the CPU one before fairseq is imported, or
+    on a machine with GPUs DeepSpeed would take CUDA."""
+    if "--deepspeed" in argv and "--cpu" in argv:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+select_deepspeed_accelerator(sys.argv)
+
 import fairseq_plugins  # noqa: F401  (registers the task, model, criterion, optimizer; installs the glue)
 from fairseq import options
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.distributed import utils as distributed_utils
 from fairseq_cli import train as fairseq_train
+from omegaconf import open_dict
+
+from fairseq_plugins import deepspeed_config
 
 logger = logging.getLogger("fairseq_plugins.train")
 PLUGIN_DIR = os.path.dirname(os.path.abspath(fairseq_plugins.__file__))
@@ -53,15 +71,16 @@ def fix_precision_flags(args, argv: list[str]) -> None:
         return
     if "--tpu" in argv:
         return  # a real TPU run: leave fairseq's behaviour alone
-    if args.cpu:
+    if args.cpu and not args.deepspeed:
         raise UsageError("--bf16 with --cpu: fairseq 0.12 treats bf16 as 'run on a TPU' and fails without torch_xla. "
-                         "Train on CPU in fp32 (drop --bf16), or use a GPU for bf16.")
-    args.tpu = False  # bf16 on CUDA: FP16Optimizer keeps fp32 master weights, no loss scaling
+                         "Train on CPU in fp32 (drop --bf16), use a GPU for bf16, or add --deepspeed --zero 1|2 "
+                         "(DeepSpeed's CPU accelerator trains in bf16).")
+    args.tpu = False  # bf16 on CUDA (or DeepSpeed on CPU): fp32 master weights, no loss scaling
 
 
 def check_optimizer_flags(args) -> None:
     memory_efficient = getattr(args, "memory_efficient_fp16", False) or getattr(args, "memory_efficient_bf16", False)
-    if memory_efficient and args.optimizer == "torch_adamw":
+    if memory_efficient and args.optimizer == "torch_adamw" and not args.deepspeed:  # DeepSpeed keeps fp32 masters
         raise UsageError("--optimizer torch_adamw keeps Adam moments in the parameter dtype, so it cannot run with "
                          "--memory-efficient-fp16/bf16 (no fp32 master weights). Use --optimizer adam there (fp32 "
                          "moments, the official recipe), or --fp16/--bf16 (fp32 master weights) with torch_adamw.")
@@ -78,14 +97,34 @@ def fix_distributed_flags(args) -> None:
         args.distributed_no_spawn = True
 
 
+def check_deepspeed_flags(args) -> dict | None:
+    """The DeepSpeed settings (None without --deepspeed)."""
+    try:
+        return deepspeed_config.check_args(args)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
 def parse(argv: list[str]):
     argv = with_user_dir(argv)
     parser = options.get_training_parser()
+    deepspeed_config.add_args(parser)
     args = options.parse_args_and_arch(parser, input_args=argv)
     fix_precision_flags(args, argv)
     check_optimizer_flags(args)
     fix_distributed_flags(args)
+    args.deepspeed_settings = check_deepspeed_flags(args)
     return args
+
+
+def to_config(args):
+    """fairseq's config of the parsed flags, plus the DeepSpeed settings (`cfg.deepspeed`, read by glue.build_trainer
+    and saved with every checkpoint's cfg)."""
+    cfg = convert_namespace_to_omegaconf(args)
+    if args.deepspeed_settings:
+        with open_dict(cfg):
+            cfg.deepspeed = args.deepspeed_settings
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         args = parse(argv)
     except UsageError as err:
         sys.exit(f"error: {err}")
-    cfg = convert_namespace_to_omegaconf(args)
+    cfg = to_config(args)
     try:
         distributed_utils.call_main(cfg, fairseq_train.main)
     except FloatingPointError as err:

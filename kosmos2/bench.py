@@ -3,6 +3,7 @@
     python -m kosmos2.bench generate --preset xl --dtype bf16 [--batch-size B] [--new-tokens N] [--compare-transformers]
     python -m kosmos2.bench train --preset tiny [--batch-size B] [--seq-len L] [--dtype fp32] [--compare-transformers]
     python -m kosmos2.bench machine
+    python -m kosmos2.bench memory --preset xl --gpus 8 --zero 2 [--offload] [--gpu-memory 40GB]   (kosmos2/memory_plan.py)
 
 Each prints ONE JSON line. Weights are random (no downloads); both implementations get the same weights through
 `checkpoint.save_hf`. CPU time is shared with other jobs on small machines, so every comparison interleaves the two
@@ -652,6 +653,7 @@ def parse_args(argv=None):
     train.add_argument("--repeats", type=int, default=3)
     train.add_argument("--compare-transformers", action="store_true")
     sub.add_parser("machine", parents=[common], help="memory bandwidth and matmul throughput")
+    add_memory_parser(sub)
     args = parser.parse_args(argv)
     if getattr(args, "compare_transformers", False):
         try:
@@ -661,9 +663,39 @@ def parse_args(argv=None):
     return args
 
 
+def add_memory_parser(sub) -> None:
+    memory = sub.add_parser("memory", help="training memory per GPU (kosmos2/memory_plan.py); prints a table, then JSON")
+    memory.add_argument("--preset", default="xl")
+    memory.add_argument("--gpus", type=int, default=1, help="GPUs in all (data-parallel ranks)")
+    memory.add_argument("--gpus-per-node", type=int, default=None, help="for the host memory of --offload")
+    memory.add_argument("--zero", type=int, choices=(1, 2, 3), default=0, help="DeepSpeed ZeRO stage (default: DDP)")
+    memory.add_argument("--offload", action="store_true", help="ZeRO-Offload: optimizer state and step on the CPU")
+    memory.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    memory.add_argument("--batch", type=int, default=1, help="sequences per micro-batch")
+    memory.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
+    memory.add_argument("--learned", type=int, default=None, help="loss tokens per sequence (default: --seq)")
+    memory.add_argument("--images", type=int, default=None, help="images per micro-batch (default: --batch)")
+    memory.add_argument("--checkpoint-activations", action="store_true")
+    memory.add_argument("--no-freeze-all", action="store_true", help="train the ViT too")
+    memory.add_argument("--gpu-memory", default=None, help="card size, e.g. 24GB: says whether the plan fits")
+
+
+def bench_memory(args) -> dict:
+    from .memory_plan import TrainSetup, parse_memory, plan, table
+
+    setup = TrainSetup(preset=args.preset, gpus=args.gpus, gpus_per_node=args.gpus_per_node, zero=args.zero,
+                       offload=args.offload, dtype=args.dtype, batch=args.batch, seq=args.seq, learned=args.learned,
+                       images=args.images, checkpoint_activations=args.checkpoint_activations,
+                       no_freeze_all=args.no_freeze_all,
+                       gpu_memory=parse_memory(args.gpu_memory) if args.gpu_memory else None)
+    result = {"bench": "memory", **plan(setup)}
+    print(table(result))
+    return result
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    run = {"generate": bench_generate, "train": bench_train, "machine": bench_machine}[args.command]
+    run = {"generate": bench_generate, "train": bench_train, "machine": bench_machine, "memory": bench_memory}[args.command]
     result = run(args)
     print(json.dumps(result), flush=True)
     return result

@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 # stream out and mean exactly what they meant before it existed (same stream draws, same checkpointed state).
 STREAMS = ("vl_interleaved", "vl_laion", "gpt", "vl_instruction")
 OFFICIAL_STREAMS = 3
+# the DataConfig field holding each stream's micro-batch size
+BATCH_SIZE_FIELDS = {"vl_interleaved": "interleaved_batch_size", "vl_laion": "laion_batch_size", "gpt": "max_sentences",
+                     "vl_instruction": "instruction_batch_size"}
 
 
 @dataclass
@@ -71,6 +74,13 @@ class DataConfig:
     num_workers: int = 0                          # 0: in-process; W >= 1: W forked prefetch workers per stream
     prefetch_buffer: int = 8                      # batches buffered per worker
     log_interval: int = 50                        # batches between skip-count log lines (0: never)
+
+    def batch_size(self, stream: str) -> int:
+        return getattr(self, BATCH_SIZE_FIELDS[stream])
+
+    def most_frequent_batch_size(self) -> int:
+        """The micro-batch size of the stream with the largest weight (the first of equal ones)."""
+        return self.batch_size(max(zip(STREAMS, self.data_weights), key=lambda item: item[1])[0])
 
     def grit_settings(self) -> GritSettings:
         grounding = GroundingSettings(mode=self.phrase_mode, box_score_threshold=self.box_score_threshold,
@@ -133,16 +143,16 @@ def _stream_parts(kind: str, cfg: DataConfig, tokenizer):
     """(data dir, config split, make_sample(entry format), batch size) of a stream."""
     if kind == "vl_laion":
         maker = GritSampleMaker(tokenizer, cfg.grit_settings())
-        return cfg.laion_data_dir, "train", lambda _: maker, cfg.laion_batch_size
+        return cfg.laion_data_dir, "train", lambda _: maker, cfg.batch_size(kind)
     if kind == "gpt":
         maker = TextDocMaker(tokenizer, cfg.tokens_per_sample)
-        return cfg.data, cfg.train_json_split_name, lambda _: maker, cfg.max_sentences
+        return cfg.data, cfg.train_json_split_name, lambda _: maker, cfg.batch_size(kind)
     if kind == "vl_instruction":
         return cfg.instruction_data_dir, "train", lambda fmt: _instruction_maker(fmt, cfg, tokenizer), \
-            cfg.instruction_batch_size
+            cfg.batch_size(kind)
     maker = InterleavedDocMaker(tokenizer, cfg.interleaved_data_dir, cfg.input_resolution, cfg.latent_query_num,
                                 cfg.tokens_per_sample, cfg.max_image_num, cfg.training_image_only_resize)
-    return cfg.interleaved_data_dir, "train", lambda _: maker, cfg.interleaved_batch_size
+    return cfg.interleaved_data_dir, "train", lambda _: maker, cfg.batch_size(kind)
 
 
 INSTRUCTION_FORMATS = ("chat", "grit")
