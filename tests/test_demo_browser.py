@@ -18,7 +18,7 @@ from PIL import Image
 from demo.gradio_app import make_examples
 from demo.screenshot import (chromium_page, demo_server, find_chromium, highlighted_phrases, open_demo, pick_example,
                              progress_seen, set_prompt, show_raw_output, submit_and_wait, upload)
-from generation_helpers import random_model, small_config, write_tiny_tokenizer
+from helpers import random_model, small_config, write_tiny_tokenizer
 from kosmos2.checkpoint import save_official
 from kosmos2.tokenizer import Kosmos2Tokenizer
 from kosmos2.visualize import entity_colors
