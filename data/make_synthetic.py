@@ -34,13 +34,10 @@ from pathlib import Path
 import sentencepiece as spm
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts: prepare_grit, generate_config
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import generate_config  # noqa: E402
-import prepare_grit  # noqa: E402
-from kosmos2.data import synthetic as syn  # noqa: E402
-from kosmos2.tokenizer import Kosmos2Tokenizer  # noqa: E402
+import generate_config  # sibling scripts in data/ (the script's own folder is on sys.path)
+import prepare_grit
+from kosmos2.data import synthetic as syn
+from kosmos2.tokenizer import Kosmos2Tokenizer
 
 JPEG_QUALITY = 95
 

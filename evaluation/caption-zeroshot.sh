@@ -10,5 +10,5 @@ prefix=$(out_prefix "$checkpoint" "caption.$(basename "$karpathy" .json)")
 $PYTHON -m evaluation.caption.cook_data "$karpathy" "$images" --prompt "$prompt" --out "$prefix.prompts.jsonl"
 $PYTHON -m evaluation.runner --checkpoint "$checkpoint" --prompts "$prefix.prompts.jsonl" \
     --out "$prefix.predictions.jsonl" "${RUNNER_ARGS[@]}"
-$PYTHON evaluation/caption/caption_evaluate.py "$prefix.predictions.jsonl" --karpathy_file "$karpathy" \
+$PYTHON -m evaluation.caption.caption_evaluate "$prefix.predictions.jsonl" --karpathy_file "$karpathy" \
     --prompt "$prompt" --out "$prefix.results"

@@ -31,7 +31,6 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 # Recipe flags the smoke run replaces: (flag, number of values it takes)
 REPLACED = {"--visual-pretrained": 1, "--memory-efficient-fp16": 0, "--fp16-init-scale": 1, "--optimizer": 1,
