@@ -108,7 +108,10 @@ def replace_linears(model: nn.Module, make, where=lambda linear: True) -> int:
     how many were swapped. Subclasses of nn.Linear and already swapped modules are left alone."""
     found = [(parent, name, child) for parent in list(model.modules()) for name, child in list(parent.named_children())
              if type(child) is nn.Linear and where(child)]
-    for parent, name, child in found:
+    count = len(found)
+    while found:  # popped, so that each replaced weight is freed right away: the peak stays near one copy of the model
+        parent, name, child = found.pop()
         setattr(parent, name, make(child))
-    return len(found)
+        del child
+    return count
 
