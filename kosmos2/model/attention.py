@@ -5,7 +5,8 @@
     set_attention(connector, "cpu")              # any module tree: every attention layer inside it
 
 Every attention layer of the model (the decoder's self-attention, the connector's cross-attention) calls the chosen
-implementation through one signature, `attend(q, k, v, mask=, is_causal=, dropout_p=, cache=, layer_idx=)`:
+implementation through one signature, `attend(q, k, v, mask=, is_causal=, dropout_p=, cache=, layer_idx=)`; the
+ViT's attention (vision.py) always runs SDPA, as no implementation here covers it:
 
 - q [B, Tq, H, D]; k, v [B, Tk, H, D] (the heads of the projections, as views). With a `cache`, k/v are this call's
   new positions: they are appended to the cache first and the queries attend over everything cached.
