@@ -7,7 +7,12 @@ setup(
     description="A faithful, modern re-implementation of Kosmos-2 (grounded multimodal LLM): model, data, training, evaluation",
     python_requires=">=3.10",
     packages=find_packages(include=["kosmos2", "kosmos2.*", "fairseq_plugins", "fairseq_plugins.*"]),
-    package_data={"kosmos2.model": ["csrc/*.cpp"]},  # compiled on first use (kosmos2/model/bf16_cpu.py)
+    # the model presets, and the CPU kernels' sources and headers (compiled on first use: kosmos2/cpu/extension.py)
+    package_data={"kosmos2": ["presets/*.json"], "kosmos2.cpu": ["csrc/*.cpp", "csrc/*.h"]},
+    entry_points={"console_scripts": [
+        "kosmos2-generate = kosmos2.generate:main",
+        "kosmos2-convert = kosmos2.convert:main",
+    ]},
     install_requires=[
         "torch>=2.1",
         "torchvision",

@@ -55,16 +55,19 @@ default_run() {
     "$PY" data/make_synthetic.py --out "$data" --quiet
   fi
   mkdir -p "$out"
+  local recipe attention
+  recipe=$(bash configs/train/tiny_cpu.sh "$data" "$out" "$image_side")
+  attention=$(sed -n 's/.* --attention \([a-z]*\).*/\1/p' <<< "$recipe")  # the recipe's choice serves both trainings
   if [[ ! -f "$image_side" ]]; then
     # xl starts from a pretrained CLIP ViT; the tiny preset's stand-in is pretrained here, on fresh synthetic scenes
-    echo "[train.sh] pretraining the tiny image side (ViT + connector) -> $image_side"
-    "$PY" scripts/pretrain_image_side.py --out "$image_side"
+    echo "[train.sh] pretraining the tiny image side (ViT + connector, attention $attention) -> $image_side"
+    "$PY" scripts/pretrain_image_side.py --out "$image_side" --attention "$attention"
   fi
   # kosmos2 looks for the tokenizer next to the checkpoint (kosmos2.tokenizer.find_tokenizer_files)
   cp "$data/tokenizer/sentencepiece.bpe.model" "$data/tokenizer/dict.txt" "$out/"
-  echo "[train.sh] training unigptmodel_tiny on CPU -> $out (re-running resumes from $out/checkpoint_last.pt)"
-  # shellcheck disable=SC2046  # the recipe prints one flag per word
-  launch $(bash configs/train/tiny_cpu.sh "$data" "$out" "$image_side")
+  echo "[train.sh] training unigptmodel_tiny on CPU, attention $attention -> $out (re-running resumes from $out/checkpoint_last.pt)"
+  # shellcheck disable=SC2086  # the recipe prints one flag per word
+  launch $recipe
   echo "[train.sh] setup + data + training took $(( SECONDS - start )) s; evaluating"
   "$PY" -m evaluation.synthetic --checkpoint "$out/checkpoint_last.pt" --data-dir "$data/eval" --quiet
 }

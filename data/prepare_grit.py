@@ -35,10 +35,10 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kosmos2.data.grit_builder import grit_files  # noqa: E402
-from kosmos2.data.pair_sources import PairReader, PairRef, list_pairs  # noqa: E402
-from kosmos2.data.rows import format_grit_row  # noqa: E402
+
+from kosmos2.data.grit_builder import grit_files
+from kosmos2.data.pair_sources import PairReader, PairRef, list_pairs
+from kosmos2.data.rows import format_grit_row
 
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "grit_{:05d}.tsv"

@@ -18,11 +18,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from kosmos2.data.grounding_labels import GroundingSettings, grounded_spans  # noqa: E402
-from kosmos2.data.rows import decode_image, parse_grit_row  # noqa: E402
-from kosmos2.image import training_view  # noqa: E402
+from kosmos2.data.grounding_labels import GroundingSettings, grounded_spans
+from kosmos2.data.rows import decode_image, parse_grit_row
+from kosmos2.image import training_view
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230)]
 

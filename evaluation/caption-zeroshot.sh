@@ -11,5 +11,5 @@ prefix=$(out_prefix "$checkpoint" "caption.$(basename "$karpathy" .json)")
 $PYTHON -m evaluation.caption.cook_data "$karpathy" "$images" --prompt "$prompt" --out "$prefix.prompts.jsonl"
 "${RUNNER[@]}" evaluation.runner --checkpoint "$checkpoint" --prompts "$prefix.prompts.jsonl" \
     --out "$prefix.predictions.jsonl" "${RUNNER_ARGS[@]}"
-score $PYTHON evaluation/caption/caption_evaluate.py "$prefix.predictions.jsonl" --karpathy_file "$karpathy" \
+score $PYTHON -m evaluation.caption.caption_evaluate "$prefix.predictions.jsonl" --karpathy_file "$karpathy" \
     --prompt "$prompt" --out "$prefix.results"

@@ -12,6 +12,6 @@ prefix=$(out_prefix "$checkpoint" "flickr.$split")
 $PYTHON -m evaluation.flickr_entities.cook_data "$ann_json" "$images" --out "$prefix.prompts.jsonl"
 "${RUNNER[@]}" evaluation.runner --checkpoint "$checkpoint" --prompts "$prefix.prompts.jsonl" \
     --out "$prefix.predictions.jsonl" "${RUNNER_ARGS[@]}"
-score $PYTHON evaluation/flickr_entities/flickr_entities_evaluate.py "$prefix.predictions.jsonl" \
+score $PYTHON -m evaluation.flickr_entities.flickr_entities_evaluate "$prefix.predictions.jsonl" \
     --annotation_file "$ann_json" --flickr_entities_path "$entities" --quantized_size "$quantized_size" \
     --out "$prefix.results"

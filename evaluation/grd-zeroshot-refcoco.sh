@@ -18,7 +18,7 @@ for split in "${splits[@]}"; do
     $PYTHON -m evaluation.refcoco.cook_data "$ann_json" "$coco" --out "$prefix.prompts.jsonl"
     "${RUNNER[@]}" evaluation.runner --checkpoint "$checkpoint" --prompts "$prefix.prompts.jsonl" \
         --out "$prefix.predictions.jsonl" "${RUNNER_ARGS[@]}"
-    score $PYTHON evaluation/refcoco/refexp_evaluate.py "$prefix.predictions.jsonl" "$ann_json" --quantized_size 32 \
+    score $PYTHON -m evaluation.refcoco.refexp_evaluate "$prefix.predictions.jsonl" "$ann_json" --quantized_size 32 \
         --out "$prefix.results"
     results+=("$prefix.results.json")
 done

@@ -17,6 +17,6 @@ for shots in "${shots_list[@]}"; do
     $PYTHON -m evaluation.reg.cook_data "$ann_json" "$coco" "${demo_args[@]}" --out "$prefix.prompts.jsonl"
     "${RUNNER[@]}" evaluation.runner --checkpoint "$checkpoint" --prompts "$prefix.prompts.jsonl" \
         --out "$prefix.predictions.jsonl" "${RUNNER_ARGS[@]}"
-    score $PYTHON evaluation/reg/reg_evaluate.py "$prefix.predictions.jsonl" --annotation_file "$ann_json" \
+    score $PYTHON -m evaluation.reg.reg_evaluate "$prefix.predictions.jsonl" --annotation_file "$ann_json" \
         --out "$prefix.results"
 done

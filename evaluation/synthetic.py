@@ -18,12 +18,8 @@ with this line.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from evaluation import data_parallel, runner
 from evaluation.common import EvaluationInputError, markdown_table, read_json, write_prompts, write_results

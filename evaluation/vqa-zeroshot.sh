@@ -14,4 +14,4 @@ $PYTHON -m evaluation.vqa.cook_data "$questions" "$coco" --out "$prefix.prompts.
     --out "$prefix.predictions.jsonl" "${RUNNER_ARGS[@]}"
 score_args=(--submission "$prefix.submission.json")
 [[ -n $annotations ]] && score_args+=(--annotations "$annotations" --out "$prefix.results")
-score $PYTHON evaluation/vqa/vqa_evaluate.py "$prefix.predictions.jsonl" --questions "$questions" "${score_args[@]}"
+score $PYTHON -m evaluation.vqa.vqa_evaluate "$prefix.predictions.jsonl" --questions "$questions" "${score_args[@]}"

@@ -10,5 +10,5 @@ prefix=$(out_prefix "$checkpoint" "seed_bench_image")
 $PYTHON -m evaluation.seed_bench.cook_data "$seed_json" "$images" --out "$prefix.prompts.jsonl"
 "${RUNNER[@]}" evaluation.runner --checkpoint "$checkpoint" --prompts "$prefix.prompts.jsonl" \
     --out "$prefix.predictions.jsonl" "${RUNNER_ARGS[@]}"
-score $PYTHON evaluation/seed_bench/seed_bench_evaluate.py "$prefix.predictions.jsonl" --seed_bench_file "$seed_json" \
+score $PYTHON -m evaluation.seed_bench.seed_bench_evaluate "$prefix.predictions.jsonl" --seed_bench_file "$seed_json" \
     --out "$prefix.results"

@@ -5,8 +5,9 @@ official ones (`gpt_model.decoder.*`, `img_model.visual.*`, `img_connector.*`) a
 `kosmos2.checkpoint.load_model` and the official code alike. All model math stays in `kosmos2/model/`.
 
 Architecture resolution follows fairseq: flags given on the command line win, the arch function fills every other
-field from the preset `configs/models/{xl,tiny}.json` (docs/official_behaviour.md#architecture). `build_model` writes
-the resolved `Kosmos2Config` back into `cfg.model`, so the checkpoint's `cfg.model` describes the model completely.
+field from the preset `kosmos2/presets/{xl,tiny}.json` (docs/official_behaviour.md#architecture). `build_model` writes the resolved
+`Kosmos2Config` back into `cfg.model`, so the checkpoint's `cfg.model` describes the model completely, and the
+`--attention` that trained it (kosmos2/model/attention.py) is recorded there too and printed in the log.
 """
 
 import dataclasses
@@ -21,8 +22,10 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model, register_model_architecture
 from omegaconf import open_dict
 
+import kosmos2.cpu  # noqa: F401  (registers the "cpu" attention for --attention cpu)
 from kosmos2.checkpoint import UNUSED_OFFICIAL_KEYS, official_cfg_model
 from kosmos2.config import Kosmos2Config, load_preset
+from kosmos2.model.attention import get_attention, registered_attention
 from kosmos2.model.kosmos2 import Kosmos2Model
 from kosmos2.model.location_embeddings import init_location_embeddings
 from kosmos2.model.vision import load_open_clip_visual
@@ -44,6 +47,9 @@ class UniGPTConfig(FairseqDataclass):
     layernorm_eps: Optional[float] = field(default=None, metadata={"help": "LayerNorm epsilon"})
     max_target_positions: Optional[int] = field(default=None, metadata={"help": "default: --tokens-per-sample"})
     checkpoint_activations: bool = field(default=False, metadata={"help": "recompute decoder layer activations in backward"})
+    attention: str = field(default="sdpa", metadata={
+        "help": "attention implementation (kosmos2/model/attention.py): sdpa (PyTorch, any device) or cpu (our fp32 "
+                "training kernel for short sequences on CPU, --cpu only; SDPA where it does not apply)"})
     # Official flags that name the only implemented design; accepted (train.sh passes them) and recorded.
     subln: bool = field(default=False, metadata={"help": "Magneto sub-LN (always on; recorded for the official cfg)"})
     flash_attention: bool = field(default=False, metadata={"help": "memory-efficient attention (always: SDPA)"})
@@ -82,6 +88,8 @@ def apply_preset(cfg, preset: str) -> None:
             setattr(cfg, name, values[name])
     if getattr(cfg, "visual_output_dim", None) is None:
         cfg.visual_output_dim = cfg.vision_width
+    if getattr(cfg, "attention", None) is None:
+        cfg.attention = "sdpa"  # recorded in the checkpoint's cfg.model like every other field
     # the official train.sh passes these; the model implements exactly this design either way
     cfg.subln = cfg.flash_attention = True
 
@@ -104,10 +112,10 @@ class UniGPTModel(Kosmos2Model, BaseFairseqModel):
     def build_model(cls, cfg, task):
         kcfg = kosmos2_config(cfg, len(task.dictionary), task.cfg.tokens_per_sample)
         record_resolved_config(cfg, kcfg)
-        model = cls(kcfg)
-        logger.info("built %s; %s trainable of %s parameters (ViT %s)", kcfg.summary(),
+        model = cls(kcfg, attention=checked_attention(cfg))
+        logger.info("built %s; %s trainable of %s parameters (ViT %s); attention: %s", kcfg.summary(),
                     f"{model.num_parameters(trainable_only=True):,}", f"{model.num_parameters():,}",
-                    "trainable" if model.image_encoder_trainable else "frozen")
+                    "trainable" if model.image_encoder_trainable else "frozen", model.attention)
         tokenizer = task.tokenizer
         init_location_embeddings(model.decoder.embed_tokens, tokenizer.patch_index_id(0), tokenizer.location_bin_size,
                                  kcfg.location_embedding_init)
@@ -146,6 +154,21 @@ class UniGPTModel(Kosmos2Model, BaseFairseqModel):
         # --reset-optimizer ...` works as well as our own checkpoints.
         state_dict = {k: v for k, v in state_dict.items() if k not in UNUSED_OFFICIAL_KEYS}
         return super().load_state_dict(state_dict, strict, model_cfg, args)
+
+
+def checked_attention(cfg) -> str:
+    """`--attention`, verified to be runnable here: a kernel that is unavailable or switched off is an error naming
+    the flag to pass instead, never a silent fallback (the same flags must give the same losses on every machine).
+    Configs from before the flag existed mean sdpa."""
+    name = getattr(cfg, "attention", None) or "sdpa"
+    if name not in registered_attention():
+        raise ValueError(f"--attention {name}: unknown; choose one of {', '.join(registered_attention())}")
+    try:
+        get_attention(name)
+    except RuntimeError as err:
+        raise RuntimeError(f"--attention {name}: {err}. Pass --attention sdpa to train with PyTorch's attention "
+                           f"(the embedded default: ATTENTION=sdpa bash train.sh).") from None
+    return name
 
 
 def record_resolved_config(cfg, kcfg: Kosmos2Config) -> None:

@@ -25,9 +25,9 @@ from typing import Any, Sequence
 import torch
 
 from . import grounding
+from .cpu import CpuPath, prepare_for_cpu_inference
 from .decoding import OFFICIAL, GenerationConfig, Generated, continuation_logprobs, generate
 from .image import inference_transform, load_image
-from .model.cpu_inference import prepare_for_cpu_inference
 from .sequence_layout import image_text_layout
 from .templates import DEFAULT_REG_TEMPLATE, REC_TEMPLATE, get_template
 from .tokenizer import Kosmos2Tokenizer, find_tokenizer_files
@@ -79,6 +79,15 @@ def check_device(device) -> torch.device:
     return device
 
 
+def prepare_model(model, cpu_kernels: bool = True, trainable: bool = False) -> CpuPath:
+    """What `Kosmos2` does to the model it is given (and `python -m kosmos2.bench generate` to the model it measures):
+    `kosmos2.cpu.prepare_for_cpu_inference` (which leaves models on other devices alone), unless `cpu_kernels=False`.
+    Returns what it took."""
+    if not cpu_kernels:
+        return CpuPath("plain", model.attention)
+    return prepare_for_cpu_inference(model, trainable=trainable)
+
+
 def parse_official_line(line: str) -> tuple[list[str], list[str]]:
     """Official prompt line `[image]a.jpg<tab>text<tab>[image]b.jpg<tab>text` -> ([a.jpg, b.jpg], [text, text]).
     Text before the first image is not allowed (the official demo would treat it as a text segment; use a list form)."""
@@ -101,28 +110,34 @@ def _is_single_image(x) -> bool:
 
 
 class Kosmos2:
-    """A loaded model + tokenizer on one device and dtype."""
+    """A loaded model + tokenizer on one device and dtype.
 
-    def __init__(self, model, tokenizer: Kosmos2Tokenizer, device="cpu", dtype: torch.dtype | None = None):
+    On CPU the model is prepared for inference by the CPU backend (`kosmos2.cpu.prepare_for_cpu_inference`: packed
+    weights, our kernels, the fused decoding step, wherever this CPU has them; `self.cpu_path` says what it took).
+    `cpu_kernels=False` keeps the plain PyTorch modules; `trainable=True` keeps every parameter trainable (no packed
+    weights), for a model that is fine-tuned afterwards."""
+
+    def __init__(self, model, tokenizer: Kosmos2Tokenizer, device="cpu", dtype: torch.dtype | None = None,
+                 cpu_kernels: bool = True, trainable: bool = False):
         if len(tokenizer) != model.cfg.vocab_size:
             raise ValueError(f"the tokenizer has {len(tokenizer)} entries but the checkpoint's vocabulary has "
                              f"{model.cfg.vocab_size}: they do not belong together (pass the tokenizer folder "
                              "released with this checkpoint)")
-        self.model = model.eval()
-        # bf16 on a CPU without bf16 instructions: GEMV kernel for decode steps, fp32 GEMMs for prefills (3x faster
-        # prefill, ~1.3x faster decoding, docs/benchmarks.md); the model stays trainable. "plain" everywhere else.
-        self.linear_path = prepare_for_cpu_inference(model, allow_packing=False)
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.dtype = dtype or next(model.parameters()).dtype
+        self.model = model.eval()
+        self.cpu_path = prepare_model(model, cpu_kernels, trainable)
         self.num_image_slots = model.cfg.latent_query_num
         self.transform = inference_transform(model.cfg.image_size)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu", dtype="fp32",
-                        tokenizer: str | os.PathLike | Kosmos2Tokenizer | None = None) -> "Kosmos2":
+                        tokenizer: str | os.PathLike | Kosmos2Tokenizer | None = None, cpu_kernels: bool = True,
+                        trainable: bool = False) -> "Kosmos2":
         """Official `.pt`, an HF folder or our checkpoint; tokenizer files next to it unless `tokenizer` says where
-        (a folder with sentencepiece.bpe.model + dict.txt, or a Kosmos2Tokenizer). dtype None keeps the checkpoint's."""
+        (a folder with sentencepiece.bpe.model + dict.txt, or a Kosmos2Tokenizer). dtype None keeps the checkpoint's.
+        `cpu_kernels` and `trainable`: see the class docstring."""
         from .checkpoint import load_model
 
         device, dtype = check_device(device), parse_dtype(dtype)
@@ -131,7 +146,7 @@ class Kosmos2:
         if not isinstance(tokenizer, Kosmos2Tokenizer):
             tokenizer = Kosmos2Tokenizer.from_dir(find_tokenizer_files(path, tokenizer))
         model = load_model(path, device=device, dtype=dtype)
-        return cls(model, tokenizer, device, dtype)
+        return cls(model, tokenizer, device, dtype, cpu_kernels=cpu_kernels, trainable=trainable)
 
     # ---- prompts
 

@@ -1,13 +1,18 @@
 """Benchmarks: our Kosmos-2 against transformers' `Kosmos2ForConditionalGeneration`, and against the machine.
 
     python -m kosmos2.bench generate --preset xl --dtype bf16 [--batch-size B] [--new-tokens N] [--compare-transformers]
-    python -m kosmos2.bench train --preset tiny [--batch-size B] [--seq-len L] [--dtype fp32] [--compare-transformers]
+    python -m kosmos2.bench generate --checkpoint FOLDER --dtype bf16 [--compare-transformers]
+    python -m kosmos2.bench random-folder --preset xl --dtype bf16 --out FOLDER   # random weights written by transformers
+    python -m kosmos2.bench train --preset tiny [--batch-size B] [--seq-len L] [--attention cpu] [--compare-transformers]
     python -m kosmos2.bench machine
     python -m kosmos2.bench memory --preset xl --gpus 8 --zero 2 [--offload] [--gpu-memory 40GB]   (kosmos2/memory_plan.py)
 
-Each prints ONE JSON line. Weights are random (no downloads); both implementations get the same weights through
-`checkpoint.save_hf`. CPU time is shared with other jobs on small machines, so every comparison interleaves the two
-implementations in one process (A, B, A, B, ...), repeats, reports medians and records `os.getloadavg()`.
+Each prints ONE JSON line. Weights are random (no downloads) unless `--checkpoint` names a folder; both implementations
+load the same weights from one Hugging Face folder. Ours is loaded and prepared exactly as `kosmos2.api.Kosmos2` does
+it (`checkpoint.load_model`, then `api.prepare_model`: on CPU the packed weights and kernels of `kosmos2.cpu`), so the
+figures are those of the CLI, the demo and the evaluations. CPU time is shared with other jobs on small machines, so
+every comparison interleaves the two implementations in one process (A, B, A, B, ...), repeats, reports medians and
+records `os.getloadavg()`.
 """
 from __future__ import annotations
 
@@ -19,7 +24,6 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -397,39 +401,42 @@ def interleaved(runners: dict, repeats: int) -> dict:
 
 
 def bench_generate(args) -> dict:
-    from .model.cpu_inference import prepare_for_cpu_inference
+    from .api import prepare_model
+    from .checkpoint import load_model
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     torch.manual_seed(args.seed)
-    cfg = load_preset(args.preset)
-    ids, mask = grounding_prompt(cfg)
-    pixels = torch.randn(args.batch_size, 3, cfg.image_size, cfg.image_size).to(device, dtype)
-    warm = min(4, args.new_tokens)
+    folder = args.checkpoint or random_folder(load_preset(args.preset), dtype, args.seed)
     memory = MemoryLedger()
-
     with memory.loading("ours"):
-        ours = build_random_model(cfg, dtype, device, args.seed)
-        folder = save_hf_copy(ours, cfg) if args.compare_transformers else None
-        linear_path = prepare_for_cpu_inference(ours)  # our CPU inference path (kosmos2/model/cpu_inference.py)
+        ours = load_model(getattr(folder, "name", folder), device=device, dtype=dtype).eval()
+        cpu_path = prepare_model(ours)  # what kosmos2.api.Kosmos2 does to every model it holds
+        cfg = ours.cfg
+        ids, mask = grounding_prompt(cfg)
+        pixels = torch.randn(args.batch_size, 3, cfg.image_size, cfg.image_size).to(device, dtype)
+        warm = min(4, args.new_tokens)
         run_ours(ours, pixels, ids, mask, warm, device)  # warm-up: oneDNN primitives, allocator
     with memory.running("ours"):
         run_ours(ours, pixels, ids, mask, args.new_tokens, device)
     runners = {"ours": lambda: run_ours(ours, pixels, ids, mask, args.new_tokens, device)}
-    if folder is not None:
+    if args.compare_transformers:
         with memory.loading("transformers"):
-            theirs = load_transformers(folder.name, dtype, device)
+            theirs = load_transformers(getattr(folder, "name", folder), dtype, device)
             run_transformers(theirs, pixels, ids, mask, warm, device)
-        folder.cleanup()
         with memory.running("transformers"):
             run_transformers(theirs, pixels, ids, mask, args.new_tokens, device)
         runners["transformers"] = lambda: run_transformers(theirs, pixels, ids, mask, args.new_tokens, device)
+    if hasattr(folder, "cleanup"):
+        folder.cleanup()
 
     limits = memory_bandwidth(device)
     runs = interleaved(runners, args.repeats)
     ours_tokens = runs["ours"][-1][1]
-    result = {"bench": "generate", "preset": args.preset, "dtype": args.dtype, "batch_size": args.batch_size,
-              "new_tokens": args.new_tokens, "prompt_tokens": len(ids), "repeats": args.repeats,
-              "generated_tokens": sum(len(t) for t in ours_tokens), "linear_path": linear_path}
+    result = {"bench": "generate", "preset": args.checkpoint or args.preset, "dtype": args.dtype,
+              "batch_size": args.batch_size, "new_tokens": args.new_tokens, "prompt_tokens": len(ids),
+              "repeats": args.repeats, "generated_tokens": sum(len(t) for t in ours_tokens),
+              "linear_path": cpu_path.linears, "attention": cpu_path.attention,
+              "fused_decode_layers": cpu_path.fused_decode_layers}
     result.update(summarise([r[0] for r in runs["ours"]], memory.peak_mb("ours")))
     result.update(decode_floor(ours, limits, args.batch_size, result["decode_step_ms_median"]))
     if "transformers" in runs:
@@ -448,6 +455,41 @@ def bench_generate(args) -> dict:
                                             result["first_divergence_step"]))
     result["env"] = environment(device)
     return result
+
+
+def random_folder(cfg: Kosmos2Config, dtype: torch.dtype, seed: int) -> tempfile.TemporaryDirectory:
+    """A temporary Hugging Face folder with our random weights (`build_random_model`); the model itself is freed
+    before anything is loaded from the folder."""
+    from .cpu import release_freed_memory
+
+    model = build_random_model(cfg, dtype, torch.device("cpu"), seed)
+    folder = save_hf_copy(model, cfg)
+    del model
+    gc.collect()
+    release_freed_memory()
+    return folder
+
+
+def bench_random_folder(args) -> dict:
+    """Write an HF folder with random weights, by transformers' own initialisation (`--by transformers`: a folder
+    no code of ours wrote) or by `build_random_model` (`--by ours`)."""
+    cfg, dtype = load_preset(args.preset), DTYPES[args.dtype]
+    start = time.perf_counter()
+    if args.by == "ours":
+        from .checkpoint import save_hf
+
+        save_hf(build_random_model(cfg, dtype, torch.device("cpu"), args.seed), cfg, args.out)
+    else:
+        import transformers
+
+        from .checkpoint import config_to_hf
+
+        torch.manual_seed(args.seed)
+        config = transformers.Kosmos2Config.from_dict(config_to_hf(cfg, dtype))
+        model = transformers.Kosmos2ForConditionalGeneration._from_config(config, dtype=dtype)
+        model.save_pretrained(args.out)
+    return {"bench": "random-folder", "preset": args.preset, "dtype": args.dtype, "by": args.by, "out": args.out,
+            "seconds": round(time.perf_counter() - start, 1)}
 
 
 def decode_floor(model: nn.Module, limits: dict, batch: int, step_ms: float | None) -> dict:
@@ -574,12 +616,15 @@ def train_summary(trainer: Trainer, times: list[float], tokens: int, peak_mb: fl
 
 
 def bench_train(args) -> dict:
+    from . import cpu  # noqa: F401  (registers the "cpu" attention)
+
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     cfg = load_preset(args.preset)
     ids, mask, pixels, loss_mask = training_batch(cfg, args.batch_size, args.seq_len, device, dtype, args.seed)
     memory = MemoryLedger()
     with memory.loading("ours"):
         ours = build_random_model(cfg, dtype, device, args.seed)
+        ours.set_attention(args.attention)  # what --attention does in fairseq_plugins/model.py
         folder = save_hf_copy(ours, cfg) if args.compare_transformers else None
         trainers = {"ours": ours_trainer(ours, ids, mask, pixels, loss_mask)}
         trainers["ours"].timed_steps(1, device)  # warm-up; allocates the optimizer state
@@ -596,8 +641,8 @@ def bench_train(args) -> dict:
     runs = interleaved({name: (lambda t=t: t.timed_steps(args.steps, device)) for name, t in trainers.items()},
                        args.repeats)
     tokens = ids.numel()
-    result = {"bench": "train", "preset": args.preset, "dtype": args.dtype, "batch_size": args.batch_size,
-              "seq_len": args.seq_len, "steps": args.steps, "repeats": args.repeats,
+    result = {"bench": "train", "preset": args.preset, "dtype": args.dtype, "attention": args.attention,
+              "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps, "repeats": args.repeats,
               "loss": "cross-entropy of the caption tokens (docs/official_behaviour.md#training-sequence), "
                       "each implementation's own training path",
               "learned_tokens": int(loss_mask.sum()), "optimizer": optimizer_name(trainers["ours"].optimizer)}
@@ -638,7 +683,9 @@ def parse_args(argv=None):
     common.add_argument("--device", default=default_device)
     common.add_argument("--seed", type=int, default=0)
     gen = sub.add_parser("generate", parents=[common], help="prefill time and greedy decoding speed")
-    gen.add_argument("--preset", default="tiny")
+    gen.add_argument("--preset", default="tiny", help="random weights of this preset (a name or a .json path)")
+    gen.add_argument("--checkpoint", help="measure these weights instead (any checkpoint kosmos2 loads; an HF folder "
+                                          "for --compare-transformers, e.g. one written by `random-folder`)")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     gen.add_argument("--batch-size", type=int, default=1)
     gen.add_argument("--new-tokens", type=int, default=32)
@@ -651,15 +698,24 @@ def parse_args(argv=None):
     train.add_argument("--seq-len", type=int, default=128)
     train.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
     train.add_argument("--repeats", type=int, default=3)
+    train.add_argument("--attention", choices=["sdpa", "cpu"], default="sdpa",
+                       help="our attention implementation, as training's --attention (cpu: the fp32 CPU kernel)")
     train.add_argument("--compare-transformers", action="store_true")
     sub.add_parser("machine", parents=[common], help="memory bandwidth and matmul throughput")
     add_memory_parser(sub)
+    rand = sub.add_parser("random-folder", parents=[common], help="write an HF folder with random weights")
+    rand.add_argument("--preset", default="tiny")
+    rand.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    rand.add_argument("--out", required=True)
+    rand.add_argument("--by", choices=["transformers", "ours"], default="transformers",
+                      help="whose initialisation writes the weights (default: transformers')")
     args = parser.parse_args(argv)
-    if getattr(args, "compare_transformers", False):
+    if getattr(args, "compare_transformers", False) or getattr(args, "by", None) == "transformers":
         try:
             import transformers  # noqa: F401
         except ImportError:
-            parser.error("--compare-transformers needs the transformers package (pip install transformers)")
+            parser.error("--compare-transformers and random-folder --by transformers need the transformers package "
+                         "(pip install transformers)")
     return args
 
 
@@ -695,7 +751,8 @@ def bench_memory(args) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    run = {"generate": bench_generate, "train": bench_train, "machine": bench_machine, "memory": bench_memory}[args.command]
+    run = {"generate": bench_generate, "train": bench_train, "machine": bench_machine, "memory": bench_memory,
+           "random-folder": bench_random_folder}[args.command]
     result = run(args)
     print(json.dumps(result), flush=True)
     return result

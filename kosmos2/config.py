@@ -1,17 +1,21 @@
 """Model configuration: one dataclass whose field names are the fairseq `cfg.model` names of the official checkpoint.
 
-Presets live as data in `configs/models/*.json` (`xl` = the released model, `tiny` = the same code path at laptop size).
+Presets are data: `kosmos2/presets/*.json` inside the package (`xl` = the released model, `tiny` = the same code path
+at laptop size). Your own presets: pass a path to a JSON file wherever a preset name is taken, or put `NAME.json` files
+in a folder listed in `KOSMOS2_PRESET_PATH` (folders separated by `:`) to use them by name.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+USER_PRESET_PATH = "KOSMOS2_PRESET_PATH"
 
 
 @dataclass
@@ -104,15 +108,30 @@ class Kosmos2Config:
         return cls(**kwargs, extra=extra)
 
 
+def preset_dirs() -> list[Path]:
+    """Where presets are looked up by name: the folders of $KOSMOS2_PRESET_PATH, then the package's own."""
+    user = [Path(p) for p in os.environ.get(USER_PRESET_PATH, "").split(os.pathsep) if p]
+    return [*user, PRESET_DIR]
+
+
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+    return sorted({p.stem for folder in preset_dirs() for p in folder.glob("*.json")})
+
+
+def preset_path(name: str) -> Path:
+    """The JSON file of preset `name` (or `name` itself when it is a path to a .json file)."""
+    if name.endswith(".json"):
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"No model preset file {name}")
+        return path
+    for folder in preset_dirs():
+        if (folder / f"{name}.json").is_file():
+            return folder / f"{name}.json"
+    raise FileNotFoundError(f"No model preset {name!r}. Available presets: {', '.join(list_presets())}; or pass a path "
+                            f"to a .json file, or add a folder with {name}.json to ${USER_PRESET_PATH}")
 
 
 def load_preset(name: str, **overrides) -> Kosmos2Config:
-    """Load `configs/models/{name}.json` (or a path to a JSON file) and apply keyword overrides."""
-    path = Path(name)
-    if not path.suffix == ".json":
-        path = PRESET_DIR / f"{name}.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"No model preset {name!r}: expected {path}. Available presets: {', '.join(list_presets())}")
-    return Kosmos2Config.from_dict(json.loads(path.read_text()), **overrides)
+    """Load preset `name` (see `preset_path`) and apply keyword overrides."""
+    return Kosmos2Config.from_dict(json.loads(preset_path(name).read_text()), **overrides)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -22,14 +21,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "data"))
-
-import make_synthetic  # noqa: E402
 
 
 def write_pairs(raw_parent: Path, pairs: int) -> Path:
-    args = make_synthetic.parse_args(["--out", str(raw_parent), "--num-images", str(pairs), "--quiet"])
-    make_synthetic.write_raw_grit(raw_parent, random.Random(f"{args.seed}-grit"), args)
+    subprocess.run([sys.executable, str(REPO / "data" / "make_synthetic.py"), "--out", str(raw_parent),
+                    "--num-images", str(pairs), "--pairs-only", "--quiet"], check=True, stdout=subprocess.DEVNULL)
     return raw_parent / "raw"
 
 

@@ -19,11 +19,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from kosmos2.data.grit import GritSampleMaker  # noqa: E402
-from kosmos2.data.mixing import DataConfig, build_train_loader, read_data_config  # noqa: E402
-from kosmos2.tokenizer import Kosmos2Tokenizer  # noqa: E402
+from kosmos2.data.grit import GritSampleMaker
+from kosmos2.data.mixing import DataConfig, build_train_loader, read_data_config
+from kosmos2.tokenizer import Kosmos2Tokenizer
 
 
 def bench_samples(cfg: DataConfig, tok, seconds: float) -> float:

@@ -33,9 +33,8 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+import torch
 
 # flags of configs/train/xl_official.sh that a check run replaces: (flag, number of values)
 REPLACED = {"--visual-pretrained": 1, "--memory-efficient-fp16": 0, "--fp16-init-scale": 1, "--optimizer": 1,

@@ -10,4 +10,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash vl_setup_xl.sh >&2
-exec .venv/bin/python scripts/gpu_check.py "$@"
+exec .venv/bin/python -m scripts.gpu_check "$@"  # as a module, so the evaluation package imports from the repository root

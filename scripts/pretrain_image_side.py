@@ -46,15 +46,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from kosmos2.config import Kosmos2Config, load_preset  # noqa: E402
-from kosmos2.data import synthetic as syn  # noqa: E402
-from kosmos2.grounding import box_to_patch_indices  # noqa: E402
-from kosmos2.image import train_transform  # noqa: E402
-from kosmos2.model.connector import XConnector  # noqa: E402
-from kosmos2.model.location_embeddings import sincos_2d_bins  # noqa: E402
-from kosmos2.model.vision import ImageModel  # noqa: E402
+import kosmos2.cpu  # noqa: F401  (registers the "cpu" attention for --attention cpu)
+from kosmos2.config import Kosmos2Config, load_preset
+from kosmos2.data import synthetic as syn
+from kosmos2.grounding import box_to_patch_indices
+from kosmos2.image import train_transform
+from kosmos2.model.attention import set_attention
+from kosmos2.model.connector import XConnector
+from kosmos2.model.location_embeddings import sincos_2d_bins
+from kosmos2.model.vision import ImageModel
 
 COLOUR_NAMES = sorted(syn.COLOURS)
 KIND_NAMES = list(syn.SHAPES)
@@ -289,6 +289,7 @@ def pretrain(args, cfg: Kosmos2Config | None = None) -> dict:
     torch.manual_seed(args.seed)
     cfg = cfg or load_preset(args.preset)
     model = ImageSide(cfg, args.bins)
+    set_attention(model, args.attention)
     queries = [model.img_connector.latent_query]
     rest = [p for p in model.parameters() if p is not queries[0]]
     optimizer = torch.optim.AdamW([{"params": rest, "lr_scale": 1.0}, {"params": queries, "lr_scale": args.query_lr_scale}],
@@ -314,8 +315,8 @@ def pretrain(args, cfg: Kosmos2Config | None = None) -> dict:
         if args.eval_every and (step + 1) % args.eval_every == 0:
             tqdm.write(json.dumps({"step": step + 1, "seconds": round(time.time() - started, 1),
                                    **evaluate(model, held_out, cfg.image_size)}))
-    metrics = {"preset": args.preset, "steps": args.steps, "batch_size": args.batch_size, "bins": args.bins,
-               "seconds": round(time.time() - started, 1), "held_out": evaluate(model, held_out, cfg.image_size)}
+    metrics = {"preset": args.preset, "attention": args.attention, "steps": args.steps, "batch_size": args.batch_size,
+               "bins": args.bins, "seconds": round(time.time() - started, 1), "held_out": evaluate(model, held_out, cfg.image_size)}
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.with_suffix(".json").write_text(json.dumps(metrics, indent=1))
@@ -329,7 +330,11 @@ def pretrain(args, cfg: Kosmos2Config | None = None) -> dict:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="output/tiny/image_side.pt", help="where the weights go")
-    parser.add_argument("--preset", default="tiny", help="model preset whose image side is pretrained (configs/models/)")
+    parser.add_argument("--preset", default="tiny", help="model preset whose image side is pretrained (a name in "
+                        "kosmos2/presets/ or a .json path)")
+    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "cpu"],
+                        help="the connector's attention in training (kosmos2/model/attention.py): sdpa, or cpu (our "
+                             "fp32 CPU kernel; train.sh's default)")
     parser.add_argument("--bins", type=int, default=32, help="location bins per side (--quantized-size of training)")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=32)

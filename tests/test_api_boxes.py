@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from generation_helpers import random_model, small_config, write_tiny_tokenizer
+from helpers import random_model, small_config, write_tiny_tokenizer
 from kosmos2.api import Kosmos2
 from kosmos2.checkpoint import save_hf, save_official
 from kosmos2.generate import main

@@ -11,11 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from generation_helpers import random_model, small_config, write_tiny_tokenizer
+from helpers import expected_cpu_path, random_model, small_config, write_tiny_tokenizer
 from kosmos2.api import DEFAULT_PROMPT, Kosmos2, parse_official_line
 from kosmos2.checkpoint import save_hf, save_official
 from kosmos2.generate import main
-from kosmos2.model import bf16_cpu
 from kosmos2.tokenizer import Kosmos2Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,12 +135,26 @@ def test_hf_folder_and_dtype_strings(assets, kosmos):
     assert other.ground([image], max_new_tokens=5)[0].token_ids == kosmos.ground([image], max_new_tokens=5)[0].token_ids
     half = Kosmos2.from_pretrained(assets["ckpt"], dtype="bf16")
     assert next(half.model.parameters()).dtype == torch.bfloat16
-    # the API keeps models trainable (no packing): the bf16 kernels where they compiled, else plain nn.Linear
-    assert half.linear_path == ("bf16-cpu" if bf16_cpu.load_kernel() is not None else "plain")
-    assert kosmos.linear_path == "plain"
     assert len(half.ground([image], max_new_tokens=3)[0].token_ids) >= 1
     with pytest.raises(ValueError, match="unknown dtype"):
         Kosmos2.from_pretrained(assets["ckpt"], dtype="int8")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_api_runs_the_fastest_cpu_path_unless_told_otherwise(assets, dtype):
+    """Packed weights, our kernels and the fused decoding step where this CPU has them (what the bench measures);
+    `trainable=True` keeps autograd, `cpu_kernels=False` plain PyTorch. All decode the same tokens."""
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    fast = Kosmos2.from_pretrained(assets["ckpt"], dtype=dtype)
+    trainable = Kosmos2.from_pretrained(assets["ckpt"], dtype=dtype, trainable=True)
+    plain = Kosmos2.from_pretrained(assets["ckpt"], dtype=dtype, cpu_kernels=False)
+    assert fast.cpu_path.linears == expected_cpu_path(torch_dtype)
+    assert trainable.cpu_path.linears == expected_cpu_path(torch_dtype, trainable=True)
+    assert plain.cpu_path.linears == "plain" and plain.model.attention == "sdpa"
+    assert all(p.requires_grad for p in trainable.model.decoder.parameters())
+    image = assets["images"] / "wide.png"
+    tokens = [k.ground([image], max_new_tokens=8)[0].token_ids for k in (fast, trainable, plain)]
+    assert tokens[0] == tokens[1] == tokens[2] and len(tokens[0]) > 0
 
 
 def test_missing_tokenizer_is_a_clear_error(assets, tmp_path):

@@ -8,6 +8,8 @@ import torch
 from kosmos2 import build_model, load_preset
 from kosmos2.bench import decode_bytes_per_step, grounding_prompt, main
 
+from helpers import expected_cpu_path
+
 GENERATE_KEYS = {"prefill_s", "decode_tok_s", "decode_step_ms_median", "peak_rss_mb", "decode_floor_ms_per_step",
                  "decode_floor_tok_s", "read_gb_s", "weights_read_per_step_mb", "env"}
 
@@ -63,8 +65,12 @@ def test_machine_json(capsys):
     assert result["read_gb_s"] > 0
 
 
-def test_generate_reports_the_cpu_linear_path(capsys):
-    from test_bf16_cpu import expected_cpu_path
+def test_generate_measures_the_path_the_api_runs(capsys):
+    """The bench prepares its model exactly as kosmos2.api.Kosmos2 does (packed weights, kernels, fused layers)."""
+    from kosmos2.cpu import extension
 
     result = run(capsys, "generate", "--preset", "tiny", "--dtype", "bf16", "--new-tokens", "4", "--repeats", "1")
     assert result["linear_path"] == expected_cpu_path(torch.bfloat16) and 0 < result["generated_tokens"] <= 4
+    assert result["attention"] == ("cpu" if extension.available() else "sdpa")
+    assert result["fused_decode_layers"] == (load_preset("tiny").decoder_layers if result["linear_path"] == "bf16-vnni"
+                                             else 0)

@@ -15,7 +15,7 @@ from kosmos2.checkpoint import (CheckpointError, load_model, load_state, load_st
                                 hf_key_to_official, save_hf, save_official)
 from kosmos2.safe_pickle import UnsafeCheckpointError
 
-from test_model_vs_transformers import small_config
+from helpers import small_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,7 @@ def test_key_mapping_is_a_bijection_with_transformers_names():
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     torch.manual_seed(0)
-    cfg = small_config()
+    cfg = small_config(decoder_ffn_embed_dim=160, vision_layers=2)
     return cfg, build_model(cfg).eval()
 
 
@@ -177,7 +177,7 @@ import torch
 from fairseq.logging.meters import AverageMeter  # the writer has fairseq; the reader below does not
 from kosmos2 import build_model
 from kosmos2.checkpoint import save_official
-from test_model_vs_transformers import small_config
+from helpers import small_config
 torch.manual_seed(0)
 cfg = small_config(); meter = AverageMeter(); meter.update(3.0)
 save_official(build_model(cfg), cfg, r"{tmp_path / 'with_meters.pt'}", extra={{"extra_state": {{"metrics": {{"loss": meter}}}}}})
@@ -245,3 +245,18 @@ def test_load_model_keeps_checkpoint_dtype_unless_asked(small, tmp_path):
     model.float()
     assert load_model(tmp_path / "h.pt").gpt_model.decoder.embed_tokens.weight.dtype == torch.float16
     assert load_model(tmp_path / "h.pt", dtype=torch.float32).img_connector.latent_query.dtype == torch.float32
+
+
+def test_official_roundtrip_loads_same_model(tmp_path):
+    torch.manual_seed(0)
+    cfg = small_config()
+    ours = build_model(cfg).eval()
+    save_official(ours, cfg, tmp_path / "ckpt.pt")
+    again = load_model(tmp_path / "ckpt.pt").eval()
+    ids = torch.randint(4, cfg.vocab_size, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(again(ids), ours(ids))
+    assert again.cfg.decoder_attention_heads == cfg.decoder_attention_heads
+    # the head is still tied after meta-device construction (training must update one matrix)
+    dec = again.gpt_model.decoder
+    assert dec.output_projection.weight is dec.embed_tokens.weight

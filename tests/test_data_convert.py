@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from generation_helpers import write_tiny_tokenizer
+from helpers import write_tiny_tokenizer
 from kosmos2.data.grit import GritSampleMaker, GritSettings
 from kosmos2.data.grounding_labels import GroundingSettings
 from kosmos2.data.instruct import ChatSampleMaker

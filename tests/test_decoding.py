@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from generation_helpers import image_row, random_model, small_config
+from helpers import image_row, random_model, small_config
 from kosmos2.checkpoint import load_model, save_hf, save_official
 from kosmos2.decoding import GenerationConfig, NGramBlocker, continuation_logprobs, generate
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from demo import gradio_app as app
-from generation_helpers import random_model, small_config, write_tiny_tokenizer
+from helpers import random_model, small_config, write_tiny_tokenizer
 from kosmos2.api import GroundingResult, Kosmos2
 from kosmos2.checkpoint import save_official
 from kosmos2.grounding import Entity

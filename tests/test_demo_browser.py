@@ -19,7 +19,7 @@ from demo.gradio_app import make_examples
 from demo.screenshot import (chromium_page, click_corners, demo_server, find_chromium, highlighted_phrases, open_demo,
                              pick_example, progress_seen, set_mode, set_prompt, show_raw_output, submit_and_wait,
                              type_box, upload)
-from generation_helpers import random_model, small_config, write_tiny_tokenizer
+from helpers import random_model, small_config, write_tiny_tokenizer
 from kosmos2.checkpoint import save_official
 from kosmos2.tokenizer import Kosmos2Tokenizer
 from kosmos2.visualize import entity_colors

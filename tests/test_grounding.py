@@ -9,7 +9,12 @@ from kosmos2.grounding import (Entity, add_boxes_to_phrases, box_to_patch_indice
                                clean_text, decode_bbox_from_caption, extract_entities, object_markup, patch_indices_to_box,
                                phrase_markup, pixels_to_box, post_process_generation, strip_tags_for_display)
 
-hf = pytest.importorskip("transformers.models.kosmos2.processing_kosmos2")
+
+@pytest.fixture(scope="module")
+def hf():
+    """transformers' Kosmos-2 processing module, the reference (only the tests that compare against it skip without)."""
+    return pytest.importorskip("transformers.models.kosmos2.processing_kosmos2")
+
 
 SNOWMAN = ("<grounding> An image of<phrase> a snowman</phrase><object><patch_index_0044><patch_index_0863></object> "
            "warming himself by<phrase> a fire</phrase><object><patch_index_0005><patch_index_0911></object>.")
@@ -40,7 +45,7 @@ def test_official_rounding(box, expected):
     assert box_to_patch_indices(box) == expected
 
 
-def test_hf_rounding_differs_on_cell_edges():
+def test_hf_rounding_differs_on_cell_edges(hf):
     box = (0.0, 0.0, 0.5, 0.25)  # x2*32 = 16, y2*32 = 8: exact integers
     assert box_to_patch_indices(box) == (0, 16 + 8 * 32)  # official: floor -> the cells right of / below the edge
     assert box_to_patch_indices(box, hf_rounding=True) == (0, 15 + 7 * 32)  # HF: ceil(x*P - 1) -> left / above
@@ -144,7 +149,7 @@ HF_CASES = [
 
 
 @pytest.mark.parametrize("text", HF_CASES)
-def test_entities_equal_hf(text):
+def test_entities_equal_hf(text, hf):
     assert extract_entities(text) == hf.clean_text_and_extract_entities_with_bboxes(text)
 
 
@@ -157,7 +162,7 @@ def test_snowman_entities():
         assert caption[entity.span[0]:entity.span[1]] == entity.phrase
 
 
-def test_post_process_generation_equals_hf():
+def test_post_process_generation_equals_hf(hf):
     raw = "<image>. the, to and of</image>" + SNOWMAN
     assert post_process_generation(raw) == extract_entities(SNOWMAN)
     assert post_process_generation(raw, cleanup_and_extract=False) == SNOWMAN
@@ -199,7 +204,7 @@ _pieces = st.sampled_from(["<phrase>", "</phrase>", "<object>", "</object>", "</
 
 @settings(max_examples=400, deadline=None)
 @given(st.lists(_pieces, max_size=25))
-def test_tag_soup_matches_hf_and_never_raises(parts):
+def test_tag_soup_matches_hf_and_never_raises(hf, parts):
     text = "".join(parts)
     caption, entities = extract_entities(text)  # on-grid indices only: must equal HF exactly
     assert (caption, entities) == hf.clean_text_and_extract_entities_with_bboxes(text)

@@ -13,7 +13,7 @@ from kosmos2.memory_plan import (GIB, TrainSetup, decoder_layer_bytes_per_token,
 deepspeed_zero2 = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs  # noqa: E402
 
-XL_COUNTS = {"all": 1_664_485_376}  # configs/models/xl.json
+XL_COUNTS = {"all": 1_664_485_376}  # kosmos2/presets/xl.json
 
 
 def within(ours: float, reference: float, tolerance: float = 0.05) -> bool:

@@ -8,7 +8,7 @@ from kosmos2 import build_model, load_preset
 from kosmos2.model.decoder import make_positions, sinusoidal_table
 from kosmos2.model.vision import VisionTransformer, load_open_clip_visual
 
-from test_model_vs_transformers import small_config
+from helpers import grit_like_batch, image_prompt, small_config
 
 
 def test_vit_equals_open_clip_after_loading_its_weights():
@@ -16,7 +16,7 @@ def test_vit_equals_open_clip_after_loading_its_weights():
     from open_clip.transformer import QuickGELU, VisionTransformer as OpenClipViT
 
     torch.manual_seed(0)
-    cfg = small_config()
+    cfg = small_config(vision_layers=2)
     ref = OpenClipViT(image_size=32, patch_size=8, width=48, layers=2, heads=3, mlp_ratio=4.0, output_dim=48,
                       act_layer=QuickGELU, output_tokens=True).eval()
     with torch.no_grad():
@@ -131,21 +131,6 @@ def test_cpu_gelu_on_half_precision_equals_the_official_fp32_gelu(dtype):
     assert torch.equal(ffn(h), expected)
 
 
-def grit_like_batch(cfg, rows: int, text: int, padded: int):
-    """A training batch shaped like GRIT: <s>, <image>, the image slots, then `text` tokens; the last row ends in
-    `padded` pads. Returns (tokens, image-slot mask, learned mask (next token is learned: after the image block, never
-    on pads), pixels)."""
-    q, pad = cfg.latent_query_num, cfg.pad_token_id
-    tokens = torch.randint(10, 200, (rows, q + text))
-    tokens[:, 0], tokens[-1, -padded:] = 0, pad
-    image_mask = torch.zeros_like(tokens, dtype=torch.bool)
-    image_mask[:, 2:2 + q] = True
-    learned = torch.zeros_like(image_mask)
-    learned[:, q + 2:-1] = True
-    learned &= tokens.ne(pad)
-    return tokens, image_mask, learned, torch.randn(rows, 3, cfg.image_size, cfg.image_size)
-
-
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_logits_mask_skips_dead_work_but_equals_the_full_forward_and_backward(checkpointing):
     """Training asks for logits only where the loss learns (after `</image>`,
@@ -177,7 +162,7 @@ def test_logits_mask_skips_dead_work_but_equals_the_full_forward_and_backward(ch
 
 def test_keep_from_uses_lower_right_causal_attention():
     """The last layer's queries are the last positions: position t must see keys 0..t, not 0..t-keep_from."""
-    from kosmos2.model.decoder import lower_right_causal_mask
+    from kosmos2.model.attention import lower_right_causal_mask
 
     assert lower_right_causal_mask(2, 4, "cpu").tolist() == [[True, True, True, False], [True, True, True, True]]
     torch.manual_seed(0)
@@ -185,3 +170,60 @@ def test_keep_from_uses_lower_right_causal_attention():
     tokens = torch.randint(10, 200, (1, 9))
     with torch.no_grad():
         assert torch.allclose(model.decoder(tokens, keep_from=5), model.decoder(tokens)[:, 5:], atol=1e-5)
+
+
+# ---- incremental decoding (the KV cache) against the full forward
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    model = build_model(small_config()).eval()
+    with torch.no_grad():  # non-trivial LayerNorm affine params
+        for name, p in model.named_parameters():
+            if "ln" in name or "layer_norm" in name or "layernorm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@torch.no_grad()
+def test_kv_cache_decoding_equals_full_forward(small_model):
+    ours = small_model
+    ids, mask, pixels = image_prompt(ours.cfg, text_len=12)
+    full = ours(ids, img_src_tokens=pixels, img_gpt_input_mask=mask)
+    prompt = ids.shape[1] - 6
+    cache = ours.new_cache(1, capacity=prompt + 2)  # forces the cache to grow, too
+    step_logits = [ours(ids[:, :prompt], img_src_tokens=pixels, img_gpt_input_mask=mask[:, :prompt], cache=cache)]
+    for t in range(prompt, ids.shape[1]):
+        step_logits.append(ours(ids[:, t:t + 1], cache=cache))
+    assert cache.length == ids.shape[1]
+    assert (torch.cat(step_logits, 1) - full).abs().max().item() <= TOL
+
+
+@torch.no_grad()
+def test_left_padded_batch_equals_unpadded_rows(small_model):
+    """Positions count real tokens only and pad keys are masked, so left padding changes nothing."""
+    ours, vocab = small_model, small_model.cfg.vocab_size
+    g = torch.Generator().manual_seed(3)
+    short, long_ = torch.randint(4, vocab, (1, 6), generator=g), torch.randint(4, vocab, (1, 10), generator=g)
+    batch = torch.cat([torch.cat([torch.ones(1, 4, dtype=torch.long), short], 1), long_])
+    cache = ours.new_cache(2, 32)
+    padded = ours(batch, cache=cache)
+    nxt = torch.randint(4, vocab, (2, 1), generator=g)
+    step = ours(nxt, cache=cache)
+    ref_short = ours(torch.cat([short, nxt[:1]], 1))
+    ref_long = ours(torch.cat([long_, nxt[1:]], 1))
+    assert (padded[0, 4:] - ref_short[0, :-1]).abs().max() <= TOL
+    assert (padded[1] - ref_long[0, :-1]).abs().max() <= TOL
+    assert (step[0, 0] - ref_short[0, -1]).abs().max() <= TOL
+    assert (step[1, 0] - ref_long[0, -1]).abs().max() <= TOL
+
+
+def test_xl_preset_parameter_count():
+    model = build_model(load_preset("xl"), device="meta")
+    assert model.num_parameters() == 1_664_485_376
+    # the official parameter breakdown (docs/official_behaviour.md#model-composition)
+    assert sum(p.numel() for p in model.img_model.parameters()) == 303_179_776
+    assert sum(p.numel() for p in model.img_connector.parameters()) == 19_015_680

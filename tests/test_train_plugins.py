@@ -44,6 +44,24 @@ def test_arch_fills_unset_fields_from_preset_and_keeps_command_line_values():
     assert (xl.decoder_layers, xl.decoder_embed_dim, xl.vision_width, xl.latent_query_num) == (24, 2048, 1024, 64)
 
 
+def test_attention_flag_defaults_to_sdpa_and_a_kernel_it_cannot_have_is_an_error(monkeypatch):
+    """The same flags give the same attention everywhere: never a silent fallback when the kernels are missing."""
+    from types import SimpleNamespace
+
+    from fairseq_plugins.model import checked_attention
+    from kosmos2.cpu import extension
+
+    assert parse(["--arch", "unigptmodel_tiny"]).attention == "sdpa"
+    assert checked_attention(SimpleNamespace()) == "sdpa"  # a checkpoint's cfg from before the flag
+    wants_kernel = parse(["--arch", "unigptmodel_tiny", "--attention", "cpu"])
+    monkeypatch.setattr(extension, "_state", {"error": "switched off by KOSMOS2_CPU_KERNELS=0"})
+    with pytest.raises(RuntimeError, match="--attention cpu: attention 'cpu' cannot run here: switched off by "
+                                           "KOSMOS2_CPU_KERNELS=0. Pass --attention sdpa"):
+        checked_attention(wants_kernel)
+    with pytest.raises(ValueError, match="--attention flash: unknown; choose one of .*sdpa"):
+        checked_attention(parse(["--arch", "unigptmodel_tiny", "--attention", "flash"]))
+
+
 def test_bf16_on_cpu_is_refused_with_an_explanation():
     with pytest.raises(train_entry.UsageError, match="--bf16 with --cpu"):
         parse(["--arch", "unigptmodel_tiny", "--bf16"])

@@ -162,6 +162,12 @@ def test_training_checkpoint_loads_in_kosmos2_and_converts_to_hf(corpus, tmp_pat
 @pytest.mark.slow
 def test_init_from_file_flag_initialises_training_from_a_checkpoint(corpus, tmp_path):
     run_training(train_args(corpus, tmp_path / "src", "--max-update", "2", "--data-weights", "0,1,0"))
+    # a checkpoint from before --attention was recorded in cfg.model: resuming it and initialising from it still work
+    checkpoint = torch.load(tmp_path / "src/checkpoint_last.pt", weights_only=False)
+    assert checkpoint["cfg"]["model"].pop("attention") == "sdpa"
+    torch.save(checkpoint, tmp_path / "src/checkpoint_last.pt")
+    resumed = run_training(train_args(corpus, tmp_path / "src", "--max-update", "3", "--data-weights", "0,1,0"))
+    assert "attention: sdpa" in resumed and losses_by_update(resumed).keys() == {3}
     source = model_state(tmp_path / "src/checkpoint_last.pt")
     log = run_training(train_args(corpus, tmp_path / "dst", "--max-update", "1", "--data-weights", "0,1,0", "--lr", "1e-12",
                                   "--latent-query-num", "6", "--init-from-file", str(tmp_path / "src/checkpoint_last.pt")))
@@ -192,8 +198,13 @@ def test_embedded_default_recipe_starts_from_the_pretrained_image_side(corpus, t
     flags = recipe.stdout.split()
     assert flags[flags.index("--visual-pretrained") + 1] == str(image_side) and "--no-freeze-all" not in flags
     overrides = [f"--{k.replace('_', '-')}={v}" for k, v in micro.items()]
-    run_training([*flags, *overrides, "--laion-batch-size", "2", "--interleaved-batch-size", "1",
-                  "--num-workers", "0", "--batch-read-ahead", "4", "--log-format", "json"])
+    log = run_training([*flags, *overrides, "--laion-batch-size", "2", "--interleaved-batch-size", "1",
+                        "--num-workers", "0", "--batch-read-ahead", "4", "--log-format", "json"])
+    # the recipe's attention: the kernel, unless KOSMOS2_CPU_KERNELS=0 switched it off; logged and in the checkpoint
+    attention = flags[flags.index("--attention") + 1]
+    assert attention == ("sdpa" if os.environ.get("KOSMOS2_CPU_KERNELS") == "0" else "cpu")
+    assert f"attention: {attention}" in log
+    assert torch.load(tmp_path / "run/checkpoint_last.pt", weights_only=False)["cfg"]["model"]["attention"] == attention
 
     pretrained = torch.load(image_side, weights_only=True)
     trained = model_state(tmp_path / "run/checkpoint_last.pt")

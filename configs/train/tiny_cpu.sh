@@ -9,7 +9,9 @@
 # checkpoints go (default output/tiny), IMAGE_SIDE the pretrained tiny ViT + connector that
 # `python scripts/pretrain_image_side.py --out IMAGE_SIDE` writes (default SAVE_DIR/image_side.pt; train.sh makes it).
 # MAX_UPDATE (default 1000, what fits the 15-minute budget on 2 cores with the pretraining) sets the length; the
-# schedule follows it.
+# schedule follows it. ATTENTION is the attention implementation of this training (and of the image-side pretraining
+# train.sh runs first), recorded in the checkpoints: cpu, our fp32 CPU kernel (what the documented results used), or
+# sdpa, PyTorch's; by default cpu, and sdpa when our kernels are switched off (KOSMOS2_CPU_KERNELS=0).
 #
 # Differences from the official xl recipe (configs/train/xl_official.sh), each for a reason:
 #   --visual-pretrained        the tiny image side pretrained on synthetic scenes (scripts/pretrain_image_side.py)
@@ -24,11 +26,12 @@ DATA_DIR="${1:-data/synthetic}"
 SAVE_DIR="${2:-output/tiny}"
 IMAGE_SIDE="${3:-$SAVE_DIR/image_side.pt}"
 MAX_UPDATE="${MAX_UPDATE:-1000}"
+if [[ "${KOSMOS2_CPU_KERNELS:-1}" == 0 ]]; then ATTENTION="${ATTENTION:-sdpa}"; else ATTENTION="${ATTENTION:-cpu}"; fi
 WARMUP=$(( MAX_UPDATE / 20 ))
 
 echo "$DATA_DIR/text" \
   --task image_gpt_interleaved_laion_obj --tokens-per-sample 256 --criterion unigpt --arch unigptmodel_tiny \
-  --visual-pretrained "$IMAGE_SIDE" --cpu --num-workers 1 \
+  --visual-pretrained "$IMAGE_SIDE" --cpu --attention "$ATTENTION" --num-workers 1 \
   --optimizer adam --adam-betas '(0.9,0.98)' --adam-eps 1e-6 --clip-norm 2.0 --weight-decay 0.01 \
   --lr-scheduler cosine --lr 1e-3 --warmup-updates "$WARMUP" --warmup-init-lr 1e-6 --min-lr 1e-5 \
   --max-update "$MAX_UPDATE" \

@@ -1,7 +1,7 @@
 """Score zero-shot captions on a Karpathy test split: CIDEr, BLEU-4, METEOR, SPICE (pycocoevalcap;
 docs/official_behaviour.md#benchmarks-without-official-code).
 
-    python evaluation/caption/caption_evaluate.py PRED --karpathy_file dataset_flickr30k.json [--out results/flickr_cap]
+    python -m evaluation.caption.caption_evaluate PRED --karpathy_file dataset_flickr30k.json [--out results/flickr_cap]
 
 The caption is the text generated after the prompt (tags removed), up to the first sentence end. Images without a
 prediction get an empty caption (0 on every metric) and are reported. Paper (Flickr30k, zero-shot): CIDEr 80.5.
@@ -9,11 +9,7 @@ prediction get an empty caption (0 on every metric) and are reported. Paper (Fli
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from evaluation.caption.cook_data import DEFAULT_PROMPT, caption_items, references
 from evaluation.caption.metrics import ALL_METRICS, caption_scores

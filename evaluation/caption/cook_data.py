@@ -11,11 +11,7 @@ Input: Karpathy's `dataset_flickr30k.json` / `dataset_coco.json` (`images[]` wit
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from evaluation.common import EvaluationInputError, cook_parser, finish_cooking, read_json
 

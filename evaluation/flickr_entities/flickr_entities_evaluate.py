@@ -1,7 +1,7 @@
 """Score Flickr30k Entities phrase grounding: Recall@1/5/10 and upper bound, any-box protocol, per category
 (docs/official_behaviour.md#flickr30k-entities).
 
-    python evaluation/flickr_entities/flickr_entities_evaluate.py PRED \
+    python -m evaluation.flickr_entities.flickr_entities_evaluate PRED \
         --annotation_file final_flickr_separateGT_test.json --flickr_entities_path flickr30k_entities \
         --quantized_size 32 [--official-compat] [--out results/flickr_test]
 
@@ -30,15 +30,11 @@ Defects of the official scorer (docs/official_behaviour.md#scorer-defects) that 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from evaluation.common import (NO_BOX, EvaluationInputError, box_iou, boxes_for_phrase, load_predictions,
                                markdown_table, missing_report, read_json, report, scale_box, warn, xywh_to_xyxy)

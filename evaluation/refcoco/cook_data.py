@@ -13,10 +13,6 @@ The image folder is train2014 when the file name says so, else val2014 (official
 from __future__ import annotations
 
 import os
-import sys
-
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from evaluation.common import EvaluationInputError, cook_parser, finish_cooking, read_json
 

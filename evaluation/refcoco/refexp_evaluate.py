@@ -1,7 +1,7 @@
 """Score referring expression comprehension (RefCOCO / RefCOCO+ / RefCOCOg): accuracy@0.5 of the first box
 (docs/official_behaviour.md#refcoco).
 
-    python evaluation/refcoco/refexp_evaluate.py PRED finetune_refcoco_testA.json --quantized_size 32 [--json]
+    python -m evaluation.refcoco.refexp_evaluate PRED finetune_refcoco_testA.json --quantized_size 32 [--json]
         [--official-compat] [--out results/refcoco_testA]
 
 PRED is our runner's JSONL or the official pipeline output (`H-` lines). For each expression the boxes of every parsed
@@ -26,9 +26,6 @@ import sys
 from collections import defaultdict
 
 import numpy as np
-
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from evaluation.common import (NO_BOX, EvaluationInputError, box_iou, boxes_for_phrase, load_predictions,
                                markdown_table, missing_report, read_json, scale_box, warn, write_results, xywh_to_xyxy)

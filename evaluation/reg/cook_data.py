@@ -17,12 +17,7 @@ generator seeded by (--seed, object id), so a prompt does not depend on which ot
 """
 from __future__ import annotations
 
-import os
 import random
-import sys
-
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from evaluation.common import EvaluationInputError, cook_parser, finish_cooking, read_json
 from evaluation.refcoco.cook_data import image_path

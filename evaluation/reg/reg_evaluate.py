@@ -1,6 +1,6 @@
 """Score referring expression generation on RefCOCOg: METEOR and CIDEr against all expressions of the object.
 
-    python evaluation/reg/reg_evaluate.py PRED --annotation_file finetune_refcocog_val.json [--out results/reg_val_0shot]
+    python -m evaluation.reg.reg_evaluate PRED --annotation_file finetune_refcocog_val.json [--out results/reg_val_0shot]
 
 The generated expression is the text after the query prompt's `... is`, up to the first sentence end. Paper
 (RefCOCOg): zero-shot METEOR 12.2 / CIDEr 60.3; few-shot k=2 13.8 / 62.2; k=4 14.1 / 62.2.
@@ -10,9 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from evaluation.caption.caption_evaluate import predicted_texts
 from evaluation.caption.metrics import caption_scores

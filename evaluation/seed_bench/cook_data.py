@@ -11,10 +11,6 @@ of the tokens after `Answer:`.
 from __future__ import annotations
 
 import os
-import sys
-
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from evaluation.common import EvaluationInputError, cook_parser, finish_cooking, read_json
 

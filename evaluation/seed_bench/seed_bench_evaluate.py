@@ -1,7 +1,7 @@
 """Score SEED-Bench image questions: the choice with the highest mean log-probability is the answer
 (docs/official_behaviour.md#seed-bench).
 
-    python evaluation/seed_bench/seed_bench_evaluate.py PRED --seed_bench_file SEED-Bench.json [--out results/seed]
+    python -m evaluation.seed_bench.seed_bench_evaluate PRED --seed_bench_file SEED-Bench.json [--out results/seed]
 
 PRED is the runner's JSONL in score mode: one line per question with `scores`, the mean log-probability per token of
 each of the four continuations. Accuracy (%) overall and per question type (names from the file's `question_type`).
@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from collections import defaultdict
-
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from evaluation.common import (EvaluationInputError, load_predictions, markdown_table, missing_report, read_json, warn,
                                report)

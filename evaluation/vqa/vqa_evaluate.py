@@ -1,8 +1,8 @@
 """Score VQAv2 answers with the official normalisation and accuracy, and write the test-dev submission JSON.
 
-    python evaluation/vqa/vqa_evaluate.py PRED --questions v2_OpenEnded_mscoco_val2014_questions.json \
+    python -m evaluation.vqa.vqa_evaluate PRED --questions v2_OpenEnded_mscoco_val2014_questions.json \
         --annotations v2_mscoco_val2014_annotations.json [--out results/vqa_val]
-    python evaluation/vqa/vqa_evaluate.py PRED --questions v2_OpenEnded_mscoco_test-dev2015_questions.json \
+    python -m evaluation.vqa.vqa_evaluate PRED --questions v2_OpenEnded_mscoco_test-dev2015_questions.json \
         --submission vqav2_test-dev_results.json      # upload to the EvalAI VQA challenge (test-dev phase)
 
 The answer is the text generated after `Answer:`, up to the first line break, `Question:` or sentence-ending period
@@ -15,13 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from evaluation.common import (EvaluationInputError, continuation_after_prompt, first_sentence, load_predictions,
                                markdown_table, missing_report, read_json, report, warn)

@@ -9,10 +9,9 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import Kosmos2Config
-from .train_attention import train_attention
+from .attention import sdpa_attention
 
 
 class CrossAttention(nn.Module):
@@ -23,6 +22,7 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.heads, self.dropout = heads, dropout
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
+        self.attend = sdpa_attention  # Kosmos2Model.set_attention picks the implementation (attention.py)
 
     def reset_parameters(self) -> None:
         # fairseq's init for same-dim q/k/v: xavier_uniform with gain 1/sqrt(2); out_proj xavier with zero bias.
@@ -38,16 +38,13 @@ class CrossAttention(nn.Module):
         latents' projections, which do not depend on the image, are computed once: q_proj runs on Q rows instead of
         N*Q, k_proj and v_proj on N*T + Q instead of N*(T + Q). Autograd sums their gradients over the images."""
         n, _, d = image_tokens.shape
-        split = lambda y: y.view(n, y.shape[1], self.heads, d // self.heads).transpose(1, 2)
+        split = lambda y: y.view(n, y.shape[1], self.heads, d // self.heads)
         per_image = lambda y: y.expand(n, -1, -1)
         q = split(per_image(self.q_proj(latents)))
         k = split(torch.cat([self.k_proj(image_tokens), per_image(self.k_proj(latents))], dim=1))
         v = split(torch.cat([self.v_proj(image_tokens), per_image(self.v_proj(latents))], dim=1))
-        dropout = self.dropout if self.training else 0.0
-        out = train_attention(q, k, v, causal=False) if dropout == 0 else None  # fp32 training on CPU
-        if out is None:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-        return self.out_proj(out.transpose(1, 2).reshape(n, latents.shape[0], d))
+        out = self.attend(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.reshape(n, latents.shape[0], d))
 
 
 class XConnector(nn.Module):

@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..config import Kosmos2Config
-from .fused_decode import decode_layer_step
+from .attention import sdpa_attention
 from .kv_cache import KVCache
-from .train_attention import train_attention
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -81,42 +80,20 @@ class SelfAttention(nn.Module):
         # The official training forward ran xformers' memory-efficient kernel, which applies no attention dropout
         # (docs/official_behaviour.md#decoder); `decoder_attention_dropout` in cfg.extra re-enables it for experiments.
         self.dropout = float(cfg.extra.get("decoder_attention_dropout", 0.0))
-
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        self.attend = sdpa_attention  # Kosmos2Model.set_attention picks the implementation (attention.py)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
                 cache: KVCache | None = None, layer_idx: int = 0, query_from: int = 0) -> torch.Tensor:
         """`query_from` > 0: outputs only for positions query_from.. (keys/values still from every position)."""
-        q, k, v = self.q_proj(x[:, query_from:] if query_from else x), self.k_proj(x), self.v_proj(x)
-        if cache is not None and (out := cache.attend_step(layer_idx, q, k, v, mask)) is not None:
-            return self.out_proj(self.inner_attn_ln(out))  # a decoding step on CPU: one fused call (kv_cache.py)
-        q, k, v = self._split(q), self._split(k), self._split(v)
-        out = None
-        if cache is None and mask is None and not (self.training and self.dropout > 0):
-            # fp32 training on CPU: our kernel (train_attention.py); its causal mask is already lower-right aligned
-            out = train_attention(q, k, v, causal=is_causal)
-        if out is None:
-            out = self._sdpa(q, k, v, mask, is_causal, cache, layer_idx, query_from)
-        out = out.transpose(1, 2).reshape(x.shape[0], q.shape[2], x.shape[2]).to(x.dtype)  # [B, queries, d]
+        heads = lambda y: y.view(y.shape[0], y.shape[1], self.num_heads, self.head_dim)
+        q = heads(self.q_proj(x[:, query_from:] if query_from else x))
+        k, v = heads(self.k_proj(x)), heads(self.v_proj(x))
+        if query_from and mask is not None:
+            mask = mask[..., query_from:, :]
+        out = self.attend(q, k, v, mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0,
+                          cache=cache, layer_idx=layer_idx)
+        out = out.reshape(q.shape[0], q.shape[1], x.shape[2]).to(x.dtype)  # merge the heads: [B, queries, d]
         return self.out_proj(self.inner_attn_ln(out))
-
-    def _sdpa(self, q, k, v, mask, is_causal, cache, layer_idx, query_from) -> torch.Tensor:
-        """[B, H, queries, D] by SDPA, writing k/v into `cache` first if one is given."""
-        if query_from:  # queries are the last positions: causal means "up to my own position", lower-right aligned
-            if mask is None and is_causal:
-                mask = lower_right_causal_mask(q.shape[2], k.shape[2], q.device)
-            elif mask is not None:
-                mask = mask[..., query_from:, :]
-            is_causal = False
-        if cache is not None:
-            # The cache may be wider than the weights (fp32 for a bf16 model on CPU, see KVCache.for_model): attention
-            # then runs in the cache's dtype, which on CPU is many times faster than torch's bf16 SDPA kernels.
-            k, v = cache.write(layer_idx, k, v)
-            q = q.to(k.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                              dropout_p=self.dropout if self.training else 0.0)
 
 
 class FeedForward(nn.Module):
@@ -153,8 +130,6 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, mask=None, is_causal=False, cache=None, layer_idx=0, query_from=0):
         """`query_from` > 0 returns only positions query_from.. (the last layer, when nothing earlier is needed)."""
-        if cache is not None and (out := decode_layer_step(self, x, cache, layer_idx, mask)) is not None:
-            return out  # a decoding step of a VNNI-packed bf16 model on CPU: one fused call (fused_decode.py)
         attn = self.self_attn(self.self_attn_layer_norm(x), mask, is_causal, cache, layer_idx, query_from)
         x = (x[:, query_from:] if query_from else x) + self.dropout(attn)
         return x + self.ffn(self.final_layer_norm(x))
@@ -175,12 +150,6 @@ def attention_mask(pad: torch.Tensor, num_new: int) -> torch.Tensor:
     allowed = (k_pos <= q_pos)[None] & ~pad[:, None, :]
     allowed |= (k_pos == q_pos)[None]
     return allowed[:, None]
-
-
-def lower_right_causal_mask(queries: int, keys: int, device) -> torch.Tensor:
-    """[queries, keys] boolean mask for queries that are the last `queries` of `keys` positions (SDPA's is_causal
-    aligns to the top left when the two differ)."""
-    return torch.ones(queries, keys, dtype=torch.bool, device=device).tril(keys - queries)
 
 
 def needs_padding_mask(pad: torch.Tensor) -> bool:

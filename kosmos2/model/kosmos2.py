@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..config import Kosmos2Config
+from . import attention as attention_registry
 from .connector import XConnector
 from .decoder import Decoder
 from .kv_cache import KVCache
@@ -27,7 +28,7 @@ class GPTModel(nn.Module):
 
 
 class Kosmos2Model(nn.Module):
-    def __init__(self, cfg: Kosmos2Config, init_from_scratch: bool = True):
+    def __init__(self, cfg: Kosmos2Config, init_from_scratch: bool = True, attention: str = "sdpa"):
         super().__init__()
         self.cfg = cfg
         self.gpt_model = GPTModel(cfg)
@@ -36,6 +37,13 @@ class Kosmos2Model(nn.Module):
         if init_from_scratch:
             self.gpt_model.decoder.reset_parameters()
         self.set_image_encoder_trainable(not cfg.freeze_image_encoder)
+        self.set_attention(attention)
+
+    def set_attention(self, name: str) -> None:
+        """Run every attention layer (decoder self-attention, connector cross-attention) with the implementation
+        registered as `name` (kosmos2/model/attention.py lists them); `self.attention` records the choice."""
+        attention_registry.set_attention(self, name)
+        self.attention = name
 
     # ---- parameters
     @property
@@ -59,7 +67,7 @@ class Kosmos2Model(nn.Module):
         grad = contextlib.nullcontext() if self.image_encoder_trainable else torch.no_grad()
         with grad:  # a frozen ViT needs no activation memory
             tokens = self.img_model(pixels)
-        return self.img_connector(tokens.to(self.img_connector.dense.weight.dtype))
+        return self.img_connector(tokens.to(self.img_connector.latent_query.dtype))
 
     def forward(self, src_tokens: torch.Tensor, img_src_tokens: torch.Tensor | None = None,
                 img_gpt_input_mask: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
@@ -91,8 +99,8 @@ class Kosmos2Model(nn.Module):
 
 
 def build_model(cfg: Kosmos2Config, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                init_from_scratch: bool = True) -> Kosmos2Model:
+                init_from_scratch: bool = True, attention: str = "sdpa") -> Kosmos2Model:
     """Build on `device` ("meta" allocates nothing: useful for counting parameters of the xl preset)."""
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        model = Kosmos2Model(cfg, init_from_scratch=init_from_scratch and str(device) != "meta")
+        model = Kosmos2Model(cfg, init_from_scratch=init_from_scratch and str(device) != "meta", attention=attention)
     return model.to(dtype) if dtype is not None else model

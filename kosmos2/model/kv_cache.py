@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from .bf16_cpu import load_kernel
-
 
 def default_cache_dtype(weight_dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
     """fp32 for bf16/fp16 models on CPU, else the weights' dtype.
@@ -71,25 +69,6 @@ class KVCache:
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-    def attend_step(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    mask: torch.Tensor | None) -> torch.Tensor | None:
-        """One decoding step of one layer in a single fused CPU call (csrc/decode_attention.cpp): write this token's
-        key/value [B,1,H*D] and attend with its query over the cache; `mask` is the decoder's [B,1,1,T] boolean mask
-        (or None). Returns [B,1,H*D] in q's dtype, or None where the kernel does not apply (GPU, more than one new
-        token, fp16, a non-fp32 cache, no compiled kernel): the caller then takes the SDPA path."""
-        if (q.device.type != "cpu" or q.shape[1] != 1 or q.dtype not in (torch.float32, torch.bfloat16)
-                or self.keys[layer].dtype != torch.float32 or (torch.is_grad_enabled() and q.requires_grad)):
-            return None
-        kernel = load_kernel()  # the CPU kernels share one extension, compiled once
-        if kernel is None:
-            return None
-        batch = q.shape[0]
-        allowed = None if mask is None else mask.reshape(batch, -1)
-        out = kernel.decode_attention(q.reshape(batch, -1).contiguous(), k.reshape(batch, -1).contiguous(),
-                                      v.reshape(batch, -1).contiguous(), self.keys[layer], self.values[layer],
-                                      self.length, allowed)
-        return out.view(q.shape)
 
     def advance(self, pad: torch.Tensor) -> None:
         """Called once per forward after all layers wrote: record the step's pad flags [B,t] and move the end."""

@@ -1,6 +1,8 @@
-"""Our bf16 CPU kernels (kosmos2/model/bf16_cpu.py, csrc/bf16_gemv.cpp): the row-major GEMV (AVX2, and its AVX512-BF16
-variant for bf16 rows) and the AVX512-BF16 kernel on the packed "VNNI" layout. Every kernel is checked against a
-float64 product of the same bf16 values; the AVX512-BF16 tests skip on CPUs without it (the AVX2 ones run there too)."""
+"""Our bf16 CPU linears (kosmos2/cpu/bf16_linear.py, csrc/bf16_gemv.cpp): the row-major GEMV (AVX2, and its
+AVX512-BF16 variant for bf16 rows) and the AVX512-BF16 kernel on the packed "VNNI" layout. Every kernel is checked
+against a float64 product of the same bf16 values; the AVX512-BF16 tests skip on CPUs without it (the AVX2 ones run
+there too), every kernel test where the kernels are unavailable (tests/test_cpu_backend.py checks that they build
+wherever they can)."""
 import copy
 
 import pytest
@@ -8,17 +10,14 @@ import torch
 import torch.nn as nn
 
 from kosmos2 import build_model
-from kosmos2.model import bf16_cpu as gemv
-from kosmos2.model.cpu_inference import prepare_for_cpu_inference
-from kosmos2.model.packed import packing_available
+from kosmos2.cpu import bf16_linear as gemv, extension
 
-from test_model_vs_transformers import image_prompt, small_config
-from test_packed import greedy
+from helpers import greedy, image_prompt, small_config
 
-needs_kernel = pytest.mark.skipif(gemv.load_kernel() is None,
-                                  reason=f"bf16 GEMV kernel unavailable: {gemv.kernel_unavailable_reason()}")
-needs_avx512_bf16 = pytest.mark.skipif(not gemv.has_avx512_bf16(),
-                                       reason="this CPU has no AVX512-BF16 (or the kernel is unavailable)")
+needs_kernel = pytest.mark.skipif(not extension.available(),
+                                  reason=f"CPU kernels unavailable: {extension.unavailable_reason()}")
+needs_avx512_bf16 = pytest.mark.skipif(not extension.has_avx512_bf16(),
+                                       reason="this CPU has no AVX512-BF16 (or the kernels are unavailable)")
 
 
 @needs_kernel
@@ -29,7 +28,7 @@ def test_kernel_equals_a_float64_product(rows, n, k, allow_avx512):
     g = torch.Generator().manual_seed(rows * 1000 + n)
     weight = torch.randn(n, k, generator=g).bfloat16()
     x = torch.randn(rows, k, generator=g).bfloat16()
-    y = gemv.bf16_gemv(x, weight, allow_avx512=allow_avx512)
+    y = extension.kernels().bf16_gemv(x, weight, allow_avx512=allow_avx512)
     exact = x.double() @ weight.double().T  # bf16 inputs are exact in float64: only the kernel's fp32 sums differ
     assert y.dtype == torch.float32 and y.shape == (rows, n)
     assert (y.double() - exact).abs().max().item() <= 1e-5 * k ** 0.5 * exact.abs().max().item()
@@ -39,7 +38,7 @@ def test_kernel_equals_a_float64_product(rows, n, k, allow_avx512):
 def test_kernel_takes_any_float_rows_and_strides():
     weight = torch.randn(40, 32).bfloat16()
     x = torch.randn(32, 3).T  # fp32, non-contiguous
-    assert torch.allclose(gemv.bf16_gemv(x, weight), x @ weight.float().T, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(extension.kernels().bf16_gemv(x, weight), x @ weight.float().T, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
@@ -51,7 +50,7 @@ def test_kernel_takes_any_float_rows_and_strides():
 ])
 def test_kernel_refuses_what_it_cannot_compute(x, weight, message):
     with pytest.raises(RuntimeError, match=message):
-        gemv.bf16_gemv(x, weight)
+        extension.kernels().bf16_gemv(x, weight)
 
 
 @pytest.fixture(scope="module")
@@ -98,47 +97,6 @@ def test_training_through_a_swapped_linear_uses_autograd():
     assert torch.allclose(linear.weight.grad.float(), expected)
 
 
-def test_kernels_compile_wherever_they_can():
-    """The kernel tests skip where the extension is unavailable; a compile error must not pass for that. With a C++
-    compiler, an AVX2/AVX512 CPU and the kernels not switched off, the extension has to build and load."""
-    import os
-    import shutil
-
-    capable = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    if not (capable and shutil.which(os.environ.get("CXX", "c++")) and os.environ.get("KOSMOS2_CPU_KERNELS") != "0"):
-        pytest.skip("no C++ compiler, no AVX2, or KOSMOS2_CPU_KERNELS=0: the PyTorch fallbacks are used")
-    assert gemv.load_kernel() is not None, gemv.kernel_unavailable_reason()
-
-
-def test_kernel_can_be_switched_off(monkeypatch):
-    monkeypatch.setenv("KOSMOS2_CPU_KERNELS", "0")
-    monkeypatch.setattr(gemv, "_state", {})
-    assert gemv.load_kernel() is None and "KOSMOS2_CPU_KERNELS=0" in gemv.kernel_unavailable_reason()
-    model = build_model(small_config(), dtype=torch.bfloat16)
-    assert gemv.use_bf16_cpu_linears(model) == 0 and any(type(m) is nn.Linear for m in model.modules())
-    with pytest.raises(RuntimeError, match="unavailable"):
-        gemv.bf16_gemv(torch.randn(1, 16), torch.randn(2, 16).bfloat16())
-
-
-def expected_cpu_path(dtype: torch.dtype, allow_packing: bool = True) -> str:
-    """The path docs/benchmarks.md measured fastest on each kind of CPU."""
-    bf16, kernel = dtype == torch.bfloat16, gemv.load_kernel() is not None
-    if allow_packing and bf16 and gemv.has_avx512_bf16():
-        return "bf16-vnni"
-    if allow_packing and packing_available("cpu", dtype):
-        return "onednn-packed"
-    return "bf16-cpu" if bf16 and kernel else "plain"
-
-
-@pytest.mark.parametrize("allow_packing", [True, False])
-def test_cpu_inference_takes_the_measured_best_path(allow_packing):
-    for dtype in (torch.float32, torch.bfloat16):
-        model = build_model(small_config(), dtype=dtype).eval()
-        path = prepare_for_cpu_inference(model, allow_packing=allow_packing)
-        assert path == expected_cpu_path(dtype, allow_packing), (dtype, path)
-    assert prepare_for_cpu_inference(build_model(small_config(), device="meta")) == "plain"
-
-
 @needs_kernel
 @torch.no_grad()
 def test_prefill_rows_accumulate_in_fp32_and_round_to_bf16():
@@ -157,13 +115,13 @@ def test_linear_entry_adds_the_bias_and_rounds_once_to_the_input_dtype(x_dtype):
     g = torch.Generator().manual_seed(3)
     weight, bias = torch.randn(70, 64, generator=g).bfloat16(), torch.randn(70, generator=g).bfloat16()
     x = torch.randn(3, 64, generator=g).to(x_dtype)
-    y = gemv.load_kernel().bf16_linear(x, weight, bias)
+    y = extension.kernels().bf16_linear(x, weight, bias)
     exact = x.double() @ weight.double().T + bias.double()
     assert y.dtype == x_dtype and y.shape == (3, 70)
     tolerance = 2 ** -8 if x_dtype == torch.bfloat16 else 1e-5  # one bf16 rounding, or fp32 summation order only
     assert torch.allclose(y.double(), exact, rtol=tolerance, atol=1e-5)
-    assert torch.equal(gemv.load_kernel().bf16_linear(x, weight, None).float(),
-                       gemv.bf16_gemv(x, weight).to(x_dtype).float())
+    assert torch.equal(extension.kernels().bf16_linear(x, weight, None).float(),
+                       extension.kernels().bf16_gemv(x, weight).to(x_dtype).float())
 
 
 # ---- the AVX512-BF16 kernel on the packed ("VNNI") layout

@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include "decode_attention.h"
+#include "kernels.h"
 
 #include <algorithm>
 #include <cmath>

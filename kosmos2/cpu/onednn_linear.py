@@ -1,4 +1,5 @@
-"""Inference on CPU with pre-packed (oneDNN-blocked) linear weights.
+"""Linear layers whose weights are pre-packed once in oneDNN's blocked layout (CPU inference), and the swapping helpers
+the other linear modules of this package share.
 
 Why: on CPU, `F.linear` hands a plain row-major weight to the BLAS for every call. Measured on a 2-core AMD EPYC
 (docs/benchmarks.md): MKL's fp32 GEMM takes a slow generic path on this CPU (~21 GB/s of weights streamed at batch 1,
@@ -70,7 +71,8 @@ class PackedLinear(PlainWeightStateDict, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("PackedLinear is inference-only (packed weights have no gradient); run under "
-                               "torch.no_grad(), or train the model without pack_linears_for_inference")
+                               "torch.no_grad(), or prepare the model with trainable=True "
+                               "(kosmos2.cpu.prepare_for_cpu_inference)")
         if x.dtype != self.dtype:
             raise TypeError(f"PackedLinear holds {self.dtype} weights but got {x.dtype} input; pack after .to(dtype)")
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
@@ -106,10 +108,10 @@ def replace_linears(model: nn.Module, make, where=lambda linear: True) -> int:
     how many were swapped. Subclasses of nn.Linear and already swapped modules are left alone."""
     found = [(parent, name, child) for parent in list(model.modules()) for name, child in list(parent.named_children())
              if type(child) is nn.Linear and where(child)]
-    for parent, name, child in found:
+    count = len(found)
+    while found:  # popped, so that each replaced weight is freed right away: the peak stays near one copy of the model
+        parent, name, child = found.pop()
         setattr(parent, name, make(child))
-    return len(found)
+        del child
+    return count
 
-
-def is_packed(model: nn.Module) -> bool:
-    return any(isinstance(m, PackedLinear) for m in model.modules())

@@ -13,6 +13,7 @@
 #include <immintrin.h>
 
 #include "avx2_reduce.h"
+#include "kernels.h"
 #include "vnni_gemv.h"
 
 #include <algorithm>
@@ -199,7 +200,7 @@ torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& weight, c
   return x.scalar_type() == torch::kFloat32 ? y : y.to(x.scalar_type());
 }
 
-// F.linear(x, W, bias) for bf16 x [M, K] (any M) and W packed by kosmos2.model.bf16_cpu.pack_vnni to
+// F.linear(x, W, bias) for bf16 x [M, K] (any M) and W packed by kosmos2.cpu.bf16_linear.pack_vnni to
 // [Np/16, K/2, 16, 2] with Np = N rounded up to 32; fp32 accumulation, bias in fp32, one rounding to bf16.
 torch::Tensor vnni_linear(const torch::Tensor& x_in, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
                           int64_t N) {
@@ -228,45 +229,4 @@ torch::Tensor vnni_linear(const torch::Tensor& x_in, const torch::Tensor& packed
       kosmos2::vnni_pair_linear(W, p, xs + r * K, std::min<int64_t>(8, M - r), K, b, N, o + r * N);
   });
   return out;
-}
-
-// decode_attention.cpp
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                               torch::Tensor key_cache, torch::Tensor value_cache, int64_t start,
-                               const c10::optional<torch::Tensor>& allowed);
-
-// decode_layer.cpp
-torch::Tensor decode_layer(const torch::Tensor& x, const std::vector<torch::Tensor>& norms,
-                           const std::vector<torch::Tensor>& linears,
-                           const std::vector<c10::optional<torch::Tensor>>& biases, torch::Tensor key_cache,
-                           torch::Tensor value_cache, int64_t start, const c10::optional<torch::Tensor>& allowed,
-                           const torch::Tensor& gelu_table, double eps);
-
-// train_attention.cpp
-std::vector<torch::Tensor> train_attention_forward(const torch::Tensor& q, const torch::Tensor& k,
-                                                   const torch::Tensor& v, bool causal);
-std::vector<torch::Tensor> train_attention_backward(const torch::Tensor& grad_out, const torch::Tensor& q,
-                                                    const torch::Tensor& k, const torch::Tensor& v,
-                                                    const torch::Tensor& out, const torch::Tensor& lse, bool causal);
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("bf16_gemv", &bf16_gemv, "y = x @ weight.T for a bf16 weight and 1..8 rows of x, fp32 out",
-        py::arg("x"), py::arg("weight"), py::arg("allow_avx512") = true);
-  m.def("bf16_linear", &bf16_linear, "F.linear(x, weight, bias) for a bf16 weight and 1..8 rows, in x's dtype",
-        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("allow_avx512") = true);
-  m.def("vnni_linear", &vnni_linear, "F.linear for bf16 x (any rows) and a weight packed by pack_vnni (AVX512-BF16)",
-        py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("N"));
-  m.def("decode_attention", &decode_attention, "one decoding step of attention: append k/v to the fp32 cache at "
-        "`start` and attend with q (rows [B, H*D])", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_cache"),
-        py::arg("value_cache"), py::arg("start"), py::arg("allowed") = py::none());
-  m.def("decode_layer", &decode_layer, "one decoding step of a whole decoder layer with VNNI-packed bf16 linears",
-        py::arg("x"), py::arg("norms"), py::arg("linears"), py::arg("biases"), py::arg("key_cache"),
-        py::arg("value_cache"), py::arg("start"), py::arg("allowed"), py::arg("gelu_table"), py::arg("eps"));
-  m.def("train_attention_forward", &train_attention_forward, "fp32 attention for training: (out, log-sum-exp) of "
-        "q, k, v [B, H, T, D]; causal aligns the queries to the last keys", py::arg("q"), py::arg("k"), py::arg("v"),
-        py::arg("causal"));
-  m.def("train_attention_backward", &train_attention_backward, "(dq, dk, dv) of train_attention_forward",
-        py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
-        py::arg("causal"));
-  m.def("has_avx512_bf16", &cpu_has_avx512_bf16, "whether bf16 x takes the AVX512-BF16 path on this CPU");
 }

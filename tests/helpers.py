@@ -1,4 +1,5 @@
-"""Builders shared by the generation / API / CLI tests: a tiny sentencepiece tokenizer and small random models."""
+"""Builders shared by the tests: small configs and random models, prompts and batches, a tiny sentencepiece tokenizer,
+and what the CPU backend should pick on this machine. Nothing here needs transformers."""
 from __future__ import annotations
 
 import io
@@ -33,7 +34,9 @@ def write_tiny_tokenizer(folder: Path, vocab_size: int = 80) -> Path:
     return folder
 
 
-def small_config(vocab_size: int, **overrides) -> Kosmos2Config:
+def small_config(vocab_size: int = 300, **overrides) -> Kosmos2Config:
+    """Every part of the real architecture at test size (2 decoder layers of width 64, a 1-layer ViT on 32 px images,
+    8 image slots), without dropout."""
     base = dict(arch="test", decoder_layers=2, decoder_embed_dim=64, decoder_ffn_embed_dim=128, decoder_attention_heads=4,
                 vocab_size=vocab_size, max_target_positions=256, dropout=0.0, attention_dropout=0.0, image_size=32,
                 patch_size=8, vision_width=48, vision_layers=1, vision_heads=3, visual_output_dim=48, latent_query_num=8,
@@ -62,3 +65,54 @@ def image_row(cfg, n_images: int, text_ids: list[int], slot_first: int = 4, boi:
     ids += list(text_ids)
     mask += [False] * len(text_ids)
     return ids, mask
+
+
+def image_prompt(cfg, n_images=1, text_len=5, seed=0):
+    """One row [<s>] + n x (<image>-like, slots 4.., </image>-like) + random text, its slot mask and random pixels."""
+    g = torch.Generator().manual_seed(seed)
+    q = cfg.latent_query_num
+    ids, mask = [0], [False]
+    for _ in range(n_images):
+        ids += [3] + list(range(4, 4 + q)) + [5]
+        mask += [False] + [True] * q + [False]
+    ids += torch.randint(6, cfg.vocab_size, (text_len,), generator=g).tolist()
+    mask += [False] * text_len
+    pixels = torch.randn(n_images, 3, cfg.image_size, cfg.image_size, generator=g)
+    return torch.tensor([ids]), torch.tensor([mask]), pixels
+
+
+def greedy(model, ids, mask, pixels, steps):
+    """Logits [1, 1 + steps, V] of greedy decoding with the KV cache: the prompt's last position, then each step's."""
+    cache = model.new_cache(1, ids.shape[1] + steps)
+    logits = [model(ids, img_src_tokens=pixels, img_gpt_input_mask=mask, cache=cache, only_last=True)]
+    for _ in range(steps):
+        logits.append(model(logits[-1][:, -1].argmax(-1, keepdim=True), cache=cache, only_last=True))
+    return torch.cat(logits, 1)
+
+
+def grit_like_batch(cfg, rows: int, text: int, padded: int):
+    """A training batch shaped like GRIT: <s>, <image>, the image slots, then `text` tokens; the last row ends in
+    `padded` pads. Returns (tokens, image-slot mask, learned mask (next token is learned: after the image block, never
+    on pads), pixels)."""
+    q, pad = cfg.latent_query_num, cfg.pad_token_id
+    tokens = torch.randint(10, 200, (rows, q + text))
+    tokens[:, 0], tokens[-1, -padded:] = 0, pad
+    image_mask = torch.zeros_like(tokens, dtype=torch.bool)
+    image_mask[:, 2:2 + q] = True
+    learned = torch.zeros_like(image_mask)
+    learned[:, q + 2:-1] = True
+    learned &= tokens.ne(pad)
+    return tokens, image_mask, learned, torch.randn(rows, 3, cfg.image_size, cfg.image_size)
+
+
+def expected_cpu_path(dtype: torch.dtype, trainable: bool = False) -> str:
+    """The linear path docs/benchmarks.md measured fastest on this kind of CPU (kosmos2.cpu's module docstring)."""
+    from kosmos2.cpu import extension
+    from kosmos2.cpu.onednn_linear import packing_available
+
+    bf16 = dtype == torch.bfloat16
+    if not trainable and bf16 and extension.has_avx512_bf16():
+        return "bf16-vnni"
+    if not trainable and packing_available("cpu", dtype):
+        return "onednn-packed"
+    return "bf16-cpu" if bf16 and extension.available() else "plain"

@@ -1,14 +1,14 @@
-"""CPU inference speed-ups of the model: pre-packed linear weights and the fp32 KV cache of bf16 models."""
+"""Linear weights pre-packed for oneDNN (kosmos2/cpu/onednn_linear.py), and the fp32 KV cache of bf16 models on CPU."""
 import copy
 
 import pytest
 import torch
 
 from kosmos2 import build_model
+from kosmos2.cpu.onednn_linear import PackedLinear, pack_linears_for_inference, packing_available
 from kosmos2.model.kv_cache import KVCache
-from kosmos2.model.packed import PackedLinear, is_packed, pack_linears_for_inference, packing_available
 
-from test_model_vs_transformers import image_prompt, small_config
+from helpers import greedy, image_prompt, small_config
 
 pytestmark = pytest.mark.skipif(not packing_available("cpu"), reason="torch without oneDNN (mkldnn)")
 
@@ -22,18 +22,10 @@ def models():
     return cfg, plain, packed
 
 
-def greedy(model, ids, mask, pixels, steps):
-    cache = model.new_cache(1, ids.shape[1] + steps)
-    logits = [model(ids, img_src_tokens=pixels, img_gpt_input_mask=mask, cache=cache, only_last=True)]
-    for _ in range(steps):
-        logits.append(model(logits[-1][:, -1].argmax(-1, keepdim=True), cache=cache, only_last=True))
-    return torch.cat(logits, 1)
-
-
 @torch.no_grad()
 def test_packed_model_computes_the_same(models):
     cfg, plain, packed = models
-    assert is_packed(packed) and not is_packed(plain)
+    assert not any(isinstance(m, PackedLinear) for m in plain.modules())
     assert isinstance(packed.decoder.output_projection, PackedLinear)  # the tied head too (its own packed copy)
     ids, mask, pixels = image_prompt(cfg, text_len=4)
     full = (plain(ids, img_src_tokens=pixels, img_gpt_input_mask=mask),

@@ -1,5 +1,5 @@
-"""The fused decoding step of a whole decoder layer (kosmos2/model/fused_decode.py, csrc/decode_layer.cpp) against
-the same layer run op by op through PyTorch (layer norms, F.gelu, adds, the fused attention and the VNNI linears)."""
+"""The fused decoding step of a whole decoder layer (kosmos2/cpu/fused_decode.py, csrc/decode_layer.cpp) against the
+same layer run op by op through PyTorch (layer norms, F.gelu, adds, the "cpu" attention and the VNNI linears)."""
 import copy
 
 import pytest
@@ -7,14 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from kosmos2 import build_model
-from kosmos2.model import bf16_cpu
-from kosmos2.model.fused_decode import decode_layer_step, gelu_table
+from kosmos2.cpu import extension, fused_decode
+from kosmos2.cpu.bf16_linear import use_bf16_vnni_linears
+from kosmos2.cpu.fused_decode import FusedDecoderLayer, fusable, gelu_table, use_fused_decode_layers
+from kosmos2.model.decoder import DecoderLayer
 from kosmos2.model.kv_cache import KVCache
 
-from test_model_vs_transformers import image_prompt, small_config
-from test_packed import greedy
+from helpers import greedy, image_prompt, small_config
 
-pytestmark = pytest.mark.skipif(not bf16_cpu.has_avx512_bf16(),
+pytestmark = pytest.mark.skipif(not extension.has_avx512_bf16(),
                                 reason="the fused decode layer needs AVX512-BF16 and the compiled CPU kernels")
 
 
@@ -30,6 +31,7 @@ def test_gelu_table_is_pytorchs_gelu_of_every_bf16_value():
 
 @pytest.fixture(scope="module")
 def vnni_model():
+    """(cfg, plain bf16 model, the same with VNNI linears and the "cpu" attention, that one with fused layers)."""
     torch.manual_seed(0)
     cfg = small_config(dropout=0.0, attention_dropout=0.0)
     plain = build_model(cfg, dtype=torch.bfloat16).eval()
@@ -37,9 +39,29 @@ def vnni_model():
         for name, p in plain.named_parameters():
             if "ln" in name or "layer_norm" in name or "layernorm" in name:
                 p.add_(0.2 * torch.randn_like(p))
-    fast = copy.deepcopy(plain)
-    assert bf16_cpu.use_bf16_vnni_linears(fast) > 0
-    return cfg, plain, fast
+    op_by_op = copy.deepcopy(plain)
+    assert use_bf16_vnni_linears(op_by_op) > 0
+    op_by_op.set_attention("cpu")
+    fused = copy.deepcopy(op_by_op)
+    assert use_fused_decode_layers(fused) == cfg.decoder_layers
+    return cfg, plain, op_by_op, fused
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the fused kernel's calls."""
+    calls, real = [], extension.kernels()
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def decode_layer(self, *args):
+            calls.append(args[0].shape[0])
+            return real.decode_layer(*args)
+
+    monkeypatch.setattr(fused_decode, "kernels", Counting)
+    return calls
 
 
 def random_cache(cfg, batch, past, seed=0):
@@ -52,11 +74,20 @@ def random_cache(cfg, batch, past, seed=0):
     return cache
 
 
+def test_only_packed_decoder_layers_are_swapped(vnni_model):
+    cfg, plain, op_by_op, fused = vnni_model
+    assert not fusable(plain.decoder.layers[0]) and fusable(op_by_op.decoder.layers[0])
+    assert all(type(layer) is FusedDecoderLayer for layer in fused.decoder.layers)
+    assert all(type(layer) is DecoderLayer for layer in op_by_op.decoder.layers)
+    assert list(fused.state_dict()) == list(plain.state_dict())  # the same submodules under the same names
+    assert use_fused_decode_layers(fused) == 0  # swapped once
+
+
 @pytest.mark.parametrize("batch, masked", [(1, False), (3, True), (8, True)])
 @torch.no_grad()
-def test_fused_layer_step_equals_the_op_by_op_layer(vnni_model, batch, masked, monkeypatch):
-    cfg, _, fast = vnni_model
-    layer, past = fast.decoder.layers[0], 7
+def test_fused_layer_step_equals_the_op_by_op_layer(vnni_model, kernel_calls, batch, masked):
+    cfg, _, op_by_op, fused_model = vnni_model
+    layer, fused_layer, past = op_by_op.decoder.layers[0], fused_model.decoder.layers[0], 7
     g = torch.Generator().manual_seed(batch)
     x = (3 * torch.randn(batch, 1, cfg.decoder_embed_dim, generator=g)).bfloat16()
     mask = None
@@ -65,9 +96,8 @@ def test_fused_layer_step_equals_the_op_by_op_layer(vnni_model, batch, masked, m
         allowed[:, -1] = True
         mask = allowed[:, None, None, :]
     fused_cache, ref_cache = random_cache(cfg, batch, past), random_cache(cfg, batch, past)
-    fused = decode_layer_step(layer, x, fused_cache, 0, mask)
-    monkeypatch.setenv("KOSMOS2_FUSED_DECODE", "0")
-    assert decode_layer_step(layer, x, ref_cache, 0, mask) is None  # switched off: the layer runs op by op
+    fused = fused_layer(x, mask, False, fused_cache, 0)
+    assert kernel_calls == [batch]
     ref = layer(x, mask, False, ref_cache, 0)
     assert fused.shape == ref.shape == x.shape and fused.dtype == torch.bfloat16
     # same roundings in the same places: all but the rare layer-norm roundings agree bit for bit, the rest by ~1 ulp
@@ -80,46 +110,43 @@ def test_fused_layer_step_equals_the_op_by_op_layer(vnni_model, batch, masked, m
 
 
 @torch.no_grad()
-def test_fused_greedy_decoding_equals_the_plain_model(vnni_model, monkeypatch):
-    """Whole model, several steps, through Decoder.forward: the fused path is taken (every layer call goes through
-    it) and decodes the plain bf16 model's tokens."""
-    cfg, plain, fast = vnni_model
+def test_fused_greedy_decoding_equals_the_plain_model(vnni_model, kernel_calls):
+    """Whole model, several steps, through Decoder.forward: every decoding step of every layer is one fused call
+    (the prefill is not) and decodes the plain bf16 model's tokens."""
+    cfg, plain, _, fused = vnni_model
     ids, mask, pixels = image_prompt(cfg, text_len=4)
     pixels = pixels.bfloat16()
-    calls = []
-    import kosmos2.model.decoder as decoder
-
-    def counting(*args):
-        out = decode_layer_step(*args)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(decoder, "decode_layer_step", counting)
     steps = 6
-    ref, ours = greedy(plain, ids, mask, pixels, steps).float(), greedy(fast, ids, mask, pixels, steps).float()
-    assert sum(calls) == steps * cfg.decoder_layers  # every decoding step of every layer was fused, no prefill
+    ref, ours = greedy(plain, ids, mask, pixels, steps).float(), greedy(fused, ids, mask, pixels, steps).float()
+    assert len(kernel_calls) == steps * cfg.decoder_layers
     assert (ref - ours).abs().max().item() <= 0.02 * ref.abs().max().item()
     assert torch.equal(ref.argmax(-1), ours.argmax(-1))
 
 
 @torch.no_grad()
-def test_fused_step_declines_what_it_does_not_cover(vnni_model):
-    cfg, plain, fast = vnni_model
+def test_fused_layer_runs_op_by_op_where_the_kernel_does_not_apply(vnni_model, kernel_calls):
+    cfg, _, op_by_op, fused_model = vnni_model
     d = cfg.decoder_embed_dim
-    cache = random_cache(cfg, 1, 3)
-    layer = fast.decoder.layers[0]
-    assert decode_layer_step(layer, torch.randn(1, 2, d).bfloat16(), cache, 0, None) is None  # prefill: op by op
-    assert decode_layer_step(layer, torch.randn(1, 1, d), cache, 0, None) is None  # fp32 input
-    assert decode_layer_step(plain.decoder.layers[0], torch.randn(1, 1, d).bfloat16(), cache, 0, None) is None
-    big = random_cache(cfg, 9, 3)
-    assert decode_layer_step(layer, torch.randn(9, 1, d).bfloat16(), big, 0, None) is None  # > 8 rows
+    layer, fused = op_by_op.decoder.layers[0], fused_model.decoder.layers[0]
     bf16_cache = KVCache(1, 1, cfg.decoder_attention_heads, d // cfg.decoder_attention_heads, 8, dtype=torch.bfloat16)
-    assert decode_layer_step(layer, torch.randn(1, 1, d).bfloat16(), bf16_cache, 0, None) is None
+    cases = [(torch.randn(1, 2, d).bfloat16(), random_cache(cfg, 1, 3)),   # a prefill
+             (torch.randn(9, 1, d).bfloat16(), random_cache(cfg, 9, 3)),   # more than 8 rows
+             (torch.randn(1, 1, d).bfloat16(), bf16_cache),                # a bf16 cache
+             (torch.randn(1, 3, d).bfloat16(), None)]                      # no cache
+    for x, cache in cases:
+        other = copy.deepcopy(cache)
+        assert torch.equal(fused(x, None, x.shape[1] > 1, cache, 0), layer(x, None, x.shape[1] > 1, other, 0))
+    fused.train()
+    try:
+        fused(torch.randn(1, 1, d).bfloat16(), None, False, random_cache(cfg, 1, 3), 0)
+    finally:
+        fused.eval()
+    assert kernel_calls == []
 
 
 def test_kernel_refuses_inputs_it_cannot_use(vnni_model):
-    cfg, _, fast = vnni_model
-    layer, kernel = fast.decoder.layers[0], bf16_cpu.load_kernel()
+    cfg, _, fast, _ = vnni_model
+    layer, kernel = fast.decoder.layers[0], extension.kernels()
     attn, ffn = layer.self_attn, layer.ffn
     norms = [t for n in (layer.self_attn_layer_norm, attn.inner_attn_ln, layer.final_layer_norm, ffn.ffn_layernorm)
              for t in (n.weight, n.bias)]

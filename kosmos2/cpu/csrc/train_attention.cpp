@@ -14,6 +14,7 @@
 #include <immintrin.h>
 
 #include "avx2_reduce.h"
+#include "kernels.h"
 #include "parallel_chunks.h"
 
 #include <algorithm>

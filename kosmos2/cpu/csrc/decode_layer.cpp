@@ -1,5 +1,5 @@
-// One decoding step of a whole Magneto decoder layer (decoder.py: DecoderLayer) in one call, for bf16 models on
-// AVX512-BF16 CPUs whose linears are VNNI-packed (bf16_cpu.py: Bf16VnniLinear):
+// One decoding step of a whole Magneto decoder layer (kosmos2/model/decoder.py: DecoderLayer) in one call, for bf16
+// models on AVX512-BF16 CPUs whose linears are VNNI-packed (kosmos2/cpu/bf16_linear.py: Bf16VnniLinear):
 //
 //   h = x + out_proj(inner_attn_ln(attention(self_attn_layer_norm(x))))
 //   y = h + fc2(ffn_layernorm(gelu(fc1(final_layer_norm(h)))))
@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "decode_attention.h"
+#include "kernels.h"
 #include "vnni_gemv.h"
 
 namespace {

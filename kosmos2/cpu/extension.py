@@ -1,0 +1,95 @@
+"""Compiling and loading `kosmos2_cpu_kernels`, the C++ extension that holds every CPU kernel of this package (csrc/).
+
+The extension is compiled with `torch.utils.cpp_extension` on first use (about a minute, then cached in
+`$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`); it needs a C++ compiler and an x86 CPU with AVX2 + FMA.
+Where it cannot be had, `kernels()` raises and `unavailable_reason()` says why; a failed compile also says so once in
+a warning. `KOSMOS2_CPU_KERNELS=0` in the environment is the one global off switch, read once when this module is
+imported: then nothing is compiled and every caller takes its PyTorch path.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+NAME = "kosmos2_cpu_kernels"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = sorted(CSRC.glob("*.cpp"))
+HEADERS = sorted(CSRC.glob("*.h"))  # torch versions an extension by its sources only: their hash goes into a flag
+SWITCHED_OFF = os.environ.get("KOSMOS2_CPU_KERNELS", "1") == "0"
+_state: dict = {}  # "module" or "error", set by the first kernels() / unavailable_reason()
+
+
+def kernels():
+    """The compiled extension module; raises RuntimeError (with the reason) where it is unavailable."""
+    module = _load()
+    if module is None:
+        raise RuntimeError(f"the kosmos2 CPU kernels are unavailable: {_state['error']}")
+    return module
+
+
+def available() -> bool:
+    return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    """None when the kernels load, else why not (switched off, CPU, compiler error)."""
+    _load()
+    return _state.get("error")
+
+
+def has_avx512_bf16() -> bool:
+    """Whether the kernels load and can use AVX512-BF16 on this CPU (the VNNI linears and the fused decoding step)."""
+    return available() and bool(kernels().has_avx512_bf16())
+
+
+def _load():
+    if "module" in _state or "error" in _state:
+        return _state.get("module")
+    if SWITCHED_OFF:
+        _state["error"] = "switched off by KOSMOS2_CPU_KERNELS=0"
+    elif (capability := torch.backends.cpu.get_cpu_capability()) not in ("AVX2", "AVX512"):
+        _state["error"] = f"the CPU reports {capability}, the kernels need AVX2 + FMA"
+    else:
+        try:
+            _state["module"] = _compile()
+        except Exception as exc:  # no compiler, no Python headers, missing sources, ...: say why, once
+            last_line = (str(exc).strip().splitlines() or [""])[-1]
+            _state["error"] = f"compiling {NAME} from {CSRC} failed: {type(exc).__name__}: {last_line}"
+            warnings.warn(f"{_state['error']}. kosmos2 runs its PyTorch paths instead (slower on CPU); install a C++ "
+                          f"compiler (g++) to get the kernels, or set KOSMOS2_CPU_KERNELS=0 to skip them silently.",
+                          RuntimeWarning, stacklevel=3)
+    return _state.get("module")
+
+
+def _compile():
+    if not SOURCES:
+        raise FileNotFoundError(f"no C++ sources in {CSRC} (an installation without the package data?)")
+    # cpp_extension warns about a missing CUDA toolkit when imported; irrelevant for a CPU-only extension
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+
+        if not _already_built(cpp_extension):
+            print(f"[kosmos2] compiling the CPU kernels ({', '.join(p.name for p in SOURCES)}) once, about a minute; "
+                  f"cached in {cpp_extension._get_build_directory(NAME, False)}", file=sys.stderr, flush=True)
+        headers = hashlib.sha1(b"".join(p.read_bytes() for p in HEADERS)).hexdigest()[:12]
+        return cpp_extension.load(name=NAME, sources=[str(p) for p in SOURCES],
+                                  extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", f"-DKOSMOS2_HEADERS={headers}"],
+                                  extra_ldflags=["-fopenmp"], verbose=False)
+    finally:
+        quiet.setLevel(level)
+
+
+def _already_built(cpp_extension) -> bool:
+    try:  # a private helper of torch; only used to decide whether to announce the compile
+        return any(Path(cpp_extension._get_build_directory(NAME, False)).glob(f"{NAME}*.so"))
+    except Exception:
+        return False
