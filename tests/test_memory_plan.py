@@ -83,10 +83,10 @@ def count_saved_bytes(fn, exclude=()) -> tuple[int, torch.Tensor]:
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_decoder_activation_count_matches_what_autograd_keeps(monkeypatch, dropout):
-    """One decoder layer in fp32 through SDPA (the kernel family of GPU training): the planner's per-token bytes
-    against the storages autograd really saves (the weights, which autograd saves too, are model state)."""
-    monkeypatch.setenv("KOSMOS2_TRAIN_ATTENTION", "0")
+def test_decoder_activation_count_matches_what_autograd_keeps(dropout):
+    """One decoder layer in fp32 through SDPA (a layer's default attention, the kernel family of GPU training): the
+    planner's per-token bytes against the storages autograd really saves (the weights, which autograd saves too, are
+    model state)."""
     from kosmos2.model.decoder import DecoderLayer
 
     cfg = load_preset("tiny", vocab_size=100, dropout=dropout)
