@@ -181,11 +181,17 @@ def check_attention(setting: Setting) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from kosmos2.config import load_preset
+    from kosmos2.cpu import extension  # importing kosmos2.cpu registers the "cpu" attention
+    from kosmos2.model.attention import set_attention
     from kosmos2.model.decoder import SelfAttention
 
     cfg = load_preset(setting.preset)
     dtype = torch.bfloat16 if setting.gpu else torch.float32
     attention = SelfAttention(cfg).to(setting.device, dtype).train()
+    # GPU training's attention is the default, SDPA; on CPU the embedded recipe trains with `--attention cpu` (SDPA
+    # when the kernels are switched off or cannot be had, as configs/train/tiny_cpu.sh does)
+    implementation = "cpu" if not setting.gpu and extension.available() else "sdpa"
+    set_attention(attention, implementation)
     x = torch.randn(1, setting.seq, cfg.decoder_embed_dim, device=setting.device, dtype=dtype, requires_grad=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if setting.gpu else [])
     with profile(activities=activities) as prof:
@@ -198,13 +204,14 @@ def check_attention(setting: Setting) -> dict:
         kernel = "flash"
     elif re.search(r"fmha|efficient|cutlass", joined):
         kernel = "memory_efficient"
-    elif "trainattention" in joined.replace("_", ""):  # kosmos2/model/train_attention.py (fp32 training on CPU)
+    elif "trainattention" in joined.replace("_", ""):  # kosmos2/cpu/attention.py (fp32 training on CPU)
         kernel = "kosmos2 CPU training kernel"
     elif "flash" in joined:
         kernel = "flash (CPU)"
     else:
         kernel = "math"
-    return {"kernel": kernel, "dtype": str(dtype).replace("torch.", ""), "seq": setting.seq, "names": names[:12],
+    return {"attention": implementation, "kernel": kernel, "dtype": str(dtype).replace("torch.", ""), "seq": setting.seq,
+            "names": names[:12],
             "ok": kernel in ("flash", "memory_efficient") if setting.gpu else True}
 
 
