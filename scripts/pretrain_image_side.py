@@ -69,8 +69,8 @@ def object_bins(shape: syn.Shape, scene: syn.Scene, bins: int) -> tuple[int, int
 
 def patch_targets(scene: syn.Scene, patch: int, bins: int) -> tuple[np.ndarray, ...]:
     """Per patch (row-major, like the ViT's tokens), for the object with the most pixels in the patch: colour and
-    shape class (0 = background, else 1 + index), box (x1, y1, x2, y2 in [0, 1]) and its (UL, LR) location bins
-    (zeros on background)."""
+    shape class (0 = background, else 1 + index), box (x1, y1, x2, y2 in [0, 1]), its (UL, LR) location bins
+    (zeros on background) and the object itself (0 = background, k + 1 = scene.shapes[k])."""
     labels = np.asarray(syn.draw_labels(scene))
     rows, cols = labels.shape[0] // patch, labels.shape[1] // patch
     blocks = labels[: rows * patch, : cols * patch].reshape(rows, patch, cols, patch).transpose(0, 2, 1, 3)
@@ -83,7 +83,7 @@ def patch_targets(scene: syn.Scene, patch: int, bins: int) -> tuple[np.ndarray, 
         mine = owner == k + 1
         colour[mine], kind[mine] = 1 + COLOUR_NAMES.index(shape.colour), 1 + KIND_NAMES.index(shape.kind)
         box[mine], ul_lr[mine] = shape.norm_box(scene.width, scene.height), object_bins(shape, scene, bins)
-    return colour, kind, box, ul_lr
+    return colour, kind, box, ul_lr, owner
 
 
 def object_targets(scene: syn.Scene, bins: int) -> tuple[np.ndarray, ...]:
@@ -121,7 +121,7 @@ class SceneBatches:
             objects.append(object_targets(scene, self.bins))
         stack = lambda rows: [torch.from_numpy(np.stack(column)) for column in zip(*rows)]
         batch = {"pixels": torch.stack(pixels)}
-        batch.update(zip(("patch_colour", "patch_kind", "patch_box", "patch_bins"), stack(patches)))
+        batch.update(zip(("patch_colour", "patch_kind", "patch_box", "patch_bins", "patch_owner"), stack(patches)))
         batch.update(zip(("obj_colour", "obj_kind", "obj_box", "obj_bins", "obj_valid"), stack(objects)))
         return batch
 
@@ -150,6 +150,22 @@ class PatchProbe(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (self.colour(x), self.kind(x), *self.readout(x))
+
+
+class ObjectNames(nn.Module):
+    """The captioning step in miniature: the mean of an object's features (one per patch) -> its colour and shape
+    class. Interior patches of a circle and a square look alike; only the whole object (what attending to its slots
+    gives) tells the shape, and without this loss the ViT did not learn it."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.colour, self.kind = nn.Linear(width, 1 + len(COLOUR_NAMES)), nn.Linear(width, 1 + len(KIND_NAMES))
+
+    def forward(self, features: torch.Tensor, patch_owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        objects = torch.arange(1, MAX_OBJECTS + 1, device=features.device)
+        members = (patch_owner[:, None, :] == objects[None, :, None]).to(features.dtype)  # [B, objects, patches]
+        pooled = members @ features / members.sum(-1, keepdim=True).clamp(min=1)
+        return self.colour(pooled), self.kind(pooled)
 
 
 class ImageSide(nn.Module):
@@ -183,18 +199,21 @@ class ImageSide(nn.Module):
         self.colour_embed, self.kind_embed = nn.Embedding(1 + len(COLOUR_NAMES), d), nn.Embedding(1 + len(KIND_NAMES), d)
         self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.object_readout = Readout(d, d)
+        self.token_names, self.slot_names = ObjectNames(cfg.vision_width), ObjectNames(d)
         self.bins = bins
         self.register_buffer("codes", sincos_2d_bins(bins, cfg.decoder_embed_dim), persistent=False)
 
     def image_side_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if k.startswith(("img_model.", "img_connector."))}
 
-    def forward(self, pixels: torch.Tensor, obj_colour: torch.Tensor, obj_kind: torch.Tensor) -> dict:
+    def forward(self, pixels: torch.Tensor, obj_colour: torch.Tensor, obj_kind: torch.Tensor,
+                patch_owner: torch.Tensor) -> dict:
         tokens = self.img_model(pixels)  # unit-norm tokens, as the connector receives them
         slots = self.img_connector(tokens)  # exactly what Kosmos2Model.encode_images computes
         patches = tokens[:, 1:] * tokens.shape[-1] ** 0.5  # drop CLS; LayerNorm scale, so the probes learn fast
         return {"token": self.token_probe(patches), "slot": self.slot_probe(slots), "where": self.token_where(patches),
-                "route": self.connector_attention_logits(tokens), "object": self.find_objects(slots, obj_colour, obj_kind)}
+                "route": self.connector_attention_logits(tokens), "object": self.find_objects(slots, obj_colour, obj_kind),
+                "token_name": self.token_names(patches, patch_owner), "slot_name": self.slot_names(slots, patch_owner)}
 
     def find_objects(self, slots: torch.Tensor, colour: torch.Tensor, kind: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The decoder's grounding step in miniature: a query made of an object's colour and shape ("the red
@@ -218,8 +237,9 @@ class ImageSide(nn.Module):
 def losses(model: ImageSide, batch: dict[str, torch.Tensor], metrics: bool = False) -> dict[str, torch.Tensor]:
     """The training losses; with `metrics`, also the accuracies `evaluate` reports (not needed for training: the
     nearest-bin search alone costs ~5 % of a step)."""
-    out = model(batch["pixels"], batch["obj_colour"], batch["obj_kind"])
+    out = model(batch["pixels"], batch["obj_colour"], batch["obj_kind"], batch["patch_owner"])
     where, route, found = out.pop("where"), out.pop("route"), out.pop("object")
+    names = {name: out.pop(f"{name}_name") for name in ("token", "slot")}
     on_object = (batch["patch_colour"] > 0).float()
     bins = batch["patch_bins"]
 
@@ -242,6 +262,7 @@ def losses(model: ImageSide, batch: dict[str, torch.Tensor], metrics: bool = Fal
         if not metrics:
             continue
         result[f"{name}_colour_acc"] = (colour.argmax(-1) == batch["patch_colour"]).float().mean()
+        result[f"{name}_object_kind_acc"] = on_objects((kind.argmax(-1) == batch["patch_kind"]).float())
         nearest_ul = (ul @ model.codes.T).argmax(-1)  # what a tied output head over the bin codes would pick
         rows, cols = nearest_ul // model.bins, nearest_ul % model.bins
         near = ((rows - bins[..., 0] // model.bins).abs() <= 1) & ((cols - bins[..., 0] % model.bins).abs() <= 1)
@@ -252,13 +273,30 @@ def losses(model: ImageSide, batch: dict[str, torch.Tensor], metrics: bool = Fal
     code_err = ((ul - model.codes[obj_bins[..., 0]]) ** 2).sum(-1) + ((lr - model.codes[obj_bins[..., 1]]) ** 2).sum(-1)
     result["object_box"] = ((box - batch["obj_box"]).abs().sum(-1) * valid).sum() / valid.sum()
     result["object_codes"] = (code_err * valid).sum() / valid.sum()
+    # objects hidden under another one have no patch to be named from
+    present = (batch["patch_owner"][:, None, :] == torch.arange(1, MAX_OBJECTS + 1)[None, :, None]).any(-1).float()
+
+    def on_present(per_object):
+        return (per_object * present).sum() / present.sum()
+
+    for name, (colour, kind) in names.items():
+        result[f"{name}_name_colour"] = on_present(F.cross_entropy(colour.transpose(1, 2), batch["obj_colour"], reduction="none"))
+        result[f"{name}_name_kind"] = on_present(F.cross_entropy(kind.transpose(1, 2), batch["obj_kind"], reduction="none"))
+        if metrics:
+            result[f"{name}_name_kind_acc"] = on_present((kind.argmax(-1) == batch["obj_kind"]).float())
     return result
 
 
-def total_loss(out: dict[str, torch.Tensor], box_weight: float) -> torch.Tensor:
-    per_patch = sum(out[f"{name}_colour"] + out[f"{name}_kind"] + box_weight * out[f"{name}_box"] + out[f"{name}_codes"]
+import os
+PATCH_KIND_WEIGHT = float(os.environ.get("PATCH_KIND_WEIGHT", "1"))
+ROUTE_WEIGHT = float(os.environ.get("ROUTE_WEIGHT", "1"))
+
+
+def total_loss(out: dict[str, torch.Tensor], box_weight: float, name_weight: float) -> torch.Tensor:
+    per_patch = sum(out[f"{name}_colour"] + PATCH_KIND_WEIGHT * out[f"{name}_kind"] + box_weight * out[f"{name}_box"] + out[f"{name}_codes"]
                     for name in ("token", "slot"))
-    return out["where"] + out["route"] + per_patch + box_weight * out["object_box"] + out["object_codes"]
+    names = name_weight * sum(out[f"{name}_name_colour"] + out[f"{name}_name_kind"] for name in ("token", "slot"))
+    return out["where"] + ROUTE_WEIGHT * out["route"] + per_patch + box_weight * out["object_box"] + out["object_codes"] + names
 
 
 def cosine_lr(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -275,12 +313,17 @@ def evaluate(model: ImageSide, batch, image_size: int) -> dict[str, float]:
     metrics = {"token_where_acc": round(out["where_acc"].item(), 4), "slot_route_acc": round(out["route_acc"].item(), 4)}
     for name in ("token", "slot"):
         metrics[f"{name}_colour_acc"] = round(out[f"{name}_colour_acc"].item(), 4)
+        # shape class of the covering object, on the patches of objects (most patches are background)
+        metrics[f"{name}_object_kind_acc"] = round(out[f"{name}_object_kind_acc"].item(), 4)
         # mean absolute error of one box coordinate of the covering object, in pixels of the image
         metrics[f"{name}_box_mae_px"] = round(out[f"{name}_box"].item() / 4 * image_size, 3)
         # share of object patches whose UL code is nearest to a bin within one bin of the right one
         metrics[f"{name}_ul_within_1_bin"] = round(out[f"{name}_ul_within_1_bin"].item(), 4)
     # box of the object named by its colour and shape, read from the slots by one attention head
     metrics["object_box_mae_px"] = round(out["object_box"].item() / 4 * image_size, 3)
+    # shape class of each object read from the mean of its slots
+    metrics["token_name_kind_acc"] = round(out["token_name_kind_acc"].item(), 4)
+    metrics["slot_name_kind_acc"] = round(out["slot_name_kind_acc"].item(), 4)
     return metrics
 
 
@@ -288,7 +331,7 @@ def pretrain(args, cfg: Kosmos2Config | None = None) -> dict:
     """Train, save the image side to args.out (+ .json metrics) and return the metrics. `cfg` defaults to the preset."""
     torch.manual_seed(args.seed)
     cfg = cfg or load_preset(args.preset)
-    model = ImageSide(cfg, args.bins)
+    model = ImageSide(cfg, args.bins, args.position_scale)
     queries = [model.img_connector.latent_query]
     rest = [p for p in model.parameters() if p is not queries[0]]
     optimizer = torch.optim.AdamW([{"params": rest, "lr_scale": 1.0}, {"params": queries, "lr_scale": args.query_lr_scale}],
@@ -301,7 +344,7 @@ def pretrain(args, cfg: Kosmos2Config | None = None) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, args.steps, args.lr, args.warmup) * group["lr_scale"]
         out = losses(model, train.next(args.batch_size))
-        loss = total_loss(out, args.box_weight)
+        loss = total_loss(out, args.box_weight, args.name_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if args.clip_norm > 0:
@@ -338,6 +381,9 @@ def parse_args(argv=None):
     parser.add_argument("--query-lr-scale", type=float, default=10.0, help="learning rate of the connector's latent queries relative to --lr")
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--box-weight", type=float, default=5.0, help="weight of the box L1 loss (box in [0, 1] units)")
+    parser.add_argument("--name-weight", type=float, default=1.0, help="weight of naming each object from its slots")
+    parser.add_argument("--position-scale", type=float, default=POSITION_SCALE,
+                        help="ViT position embedding init x this")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--held-out", type=int, default=256, help="held-out scenes for the final metrics")
     parser.add_argument("--clip-norm", type=float, default=1.0, help="gradient norm clipping (0: none)")
