@@ -149,7 +149,7 @@ def run(model, items: Sequence[dict], out_path, batch_size: int = 8, max_new_tok
     if ranks.world_size == 1:
         done = finished_ids(out_path, items_by_id, checkpoint)
         todo = [item for item in items if item["id"] not in done]
-        predict(model, todo, out_path, scoring, batch_size, max_new_tokens, checkpoint, progress, len(items))
+        predict(model, todo, out_path, scoring, batch_size, max_new_tokens, checkpoint, progress, len(items), generation)
         return {"prompts": len(items), "skipped_finished": len(done), "predicted": len(todo),
                 "mode": "score" if scoring else "generate"}
 
@@ -162,7 +162,8 @@ def run(model, items: Sequence[dict], out_path, batch_size: int = 8, max_new_tok
     ranks.barrier()
     todo = [item for item in items if item["id"] not in done]
     mine = data_parallel.shard(todo, batch_size, ranks)
-    predict(model, mine, part, scoring, batch_size, max_new_tokens, checkpoint, progress and ranks.is_main, len(mine))
+    predict(model, mine, part, scoring, batch_size, max_new_tokens, checkpoint, progress and ranks.is_main, len(mine),
+            generation)
     ranks.barrier()
     missing = data_parallel.merge(out_path, items) if ranks.is_main else 0
     ranks.barrier()  # the merged file exists for every rank from here on
@@ -172,7 +173,7 @@ def run(model, items: Sequence[dict], out_path, batch_size: int = 8, max_new_tok
 
 
 def predict(model, todo: Sequence[dict], out_path: Path, scoring: bool, batch_size: int, max_new_tokens: int,
-            checkpoint: str | None, progress: bool, total: int) -> None:
+            checkpoint: str | None, progress: bool, total: int, generation: dict | None = None) -> None:
     """Append one row per item of `todo` to `out_path`, batch by batch (a crash loses at most the batch in flight)."""
     with open(out_path, "a", encoding="utf-8") as out, \
             tqdm(total=total, initial=total - len(todo), desc=out_path.name, unit="prompt",

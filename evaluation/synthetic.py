@@ -22,15 +22,24 @@ such a scene is one phrase of its reference caption, with its box), captioned wi
                                  a shape, is a wrong naming)
     caption_grounded_recall: X   the fraction of all objects of all scenes that the caption names right inside a
                                  grounded phrase whose first box has IoU >= 0.5 with the object's box
+
+and, when the corpus has its REG set (`reg/finetune_refcocog_val.json`), one line on referring expression generation:
+
+    reg_acc: X                   the fraction of held-out objects whose box `Kosmos2.describe` (the paper's REG prompt
+                                 `<grounding><phrase>It</phrase><object>...</object> is`, greedy) describes with the
+                                 object's colour and shape: the first object the description names is the one in the box
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
 from collections import Counter
 from pathlib import Path
+
+from tqdm import tqdm
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,6 +51,7 @@ from evaluation.flickr_entities import flickr_entities_evaluate
 from evaluation.flickr_entities.cook_data import phrase_items
 from evaluation.refcoco import refexp_evaluate
 from evaluation.refcoco.cook_data import expression_items
+from evaluation.reg.cook_data import referred_objects
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "synthetic" / "eval"
 CAPTION_PROMPT = "<grounding>An image of"  # the demo's Brief preset, the paper's grounded caption prompt
@@ -170,6 +180,43 @@ def evaluate_captions(model, specs: list[dict], out_dir: Path, args, checkpoint_
     return caption_scores(scenes, load_predictions(predictions, list(scenes)))
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# referring expression generation: box in, description out
+
+REG_SET = Path("reg") / "finetune_refcocog_val.json"
+REG_MAX_NEW_TOKENS = 24  # "the red circle left of the blue square." is about 15 tokens
+
+
+def reg_scores(objects: list[dict], descriptions: dict[str, str]) -> dict:
+    """reg_acc: share of objects whose description names first the object its references name first (every
+    reference of a synthetic object starts with the object's own colour and shape, e.g. "the red circle left of ...")."""
+    right = 0
+    for obj in objects:
+        truth = named_objects(obj["references"][0])[:1]
+        right += bool(truth) and named_objects(descriptions.get(obj["id"], ""))[:1] == truth
+    return {"objects": len(objects), "right": right, "reg_acc": right / max(1, len(objects))}
+
+
+def evaluate_reg(model, data_dir: Path, out_dir: Path, args) -> dict | None:
+    """Describe the box of every held-out REG object with `Kosmos2.describe` (what `kosmos2.generate --box` runs) and
+    score the descriptions; None when the corpus has no REG set."""
+    path = data_dir / REG_SET
+    if not path.is_file():
+        return None
+    objects = referred_objects(read_json(path, "annotation file"), str(path.parent / "images"))[:args.limit]
+    descriptions = {}
+    for start in tqdm(range(0, len(objects), args.batch_size), desc="REG", unit="batch", disable=args.quiet):
+        batch = objects[start:start + args.batch_size]
+        results = model.describe([o["image"] for o in batch], [o["bbox"] for o in batch], box_format="xywh_px",
+                                 max_new_tokens=REG_MAX_NEW_TOKENS, batch_size=args.batch_size)
+        descriptions.update((o["id"], r.text) for o, r in zip(batch, results))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "reg.predictions.jsonl").write_text("".join(json.dumps({"id": o["id"], "text": descriptions[o["id"]],
+                                                                       "references": o["references"]}) + "\n"
+                                                           for o in objects))
+    return reg_scores(objects, descriptions)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
@@ -192,6 +239,7 @@ def main(argv=None):
         checkpoint_id = str(Path(args.checkpoint).resolve())
         outcomes = [evaluate_set(model, spec, out_dir, args, checkpoint_id) for spec in sets]
         captions = evaluate_captions(model, sets, out_dir, args, checkpoint_id)
+        reg = evaluate_reg(model, Path(args.data_dir), out_dir, args) if ranks.is_main else None
     except EvaluationInputError as e:
         sys.exit(f"error: {e}")
     if not ranks.is_main:
@@ -202,18 +250,21 @@ def main(argv=None):
                "caption_object_acc": captions["caption_object_acc"],
                "caption_grounded_recall": captions["caption_grounded_recall"],
                "sets": {o["name"]: {k: o[k] for k in ("task", "prompts", "hits", "score")} for o in outcomes},
-               "captions": captions, "details": {o["name"]: o["results"] for o in outcomes}}
+               "reg_acc": reg and reg["reg_acc"], "captions": captions, "reg": reg, "details": {o["name"]: o["results"] for o in outcomes}}
     table = markdown_table(["set", "metric", "prompts", "score"],
                            [[o["name"], "acc@0.5" if o["task"] == "refcoco" else "R@1", o["prompts"], o["score"]]
                             for o in outcomes] + [["all (pooled)", "first box IoU>=0.5", total_prompts, grounding_acc],
                            ["scene captions", "caption_object_acc", captions["scenes"], captions["caption_object_acc"]],
                            ["scene captions", "caption_grounded_recall", captions["objects"],
-                            captions["caption_grounded_recall"]]])
+                            captions["caption_grounded_recall"]]]
+                           + ([["held-out boxes", "reg_acc", reg["objects"], reg["reg_acc"]]] if reg else []))
     write_results(summary, table, out_dir / "results")
     print(table)
     print(f"results: {out_dir / 'results.json'}")
     print(f"caption_object_acc: {captions['caption_object_acc']:.4f}")
     print(f"caption_grounded_recall: {captions['caption_grounded_recall']:.4f}")
+    if reg:
+        print(f"reg_acc: {reg['reg_acc']:.4f}")
     print(f"grounding_acc@0.5: {grounding_acc:.4f}")
     return summary
 

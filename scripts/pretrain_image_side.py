@@ -287,16 +287,12 @@ def losses(model: ImageSide, batch: dict[str, torch.Tensor], metrics: bool = Fal
     return result
 
 
-import os
-PATCH_KIND_WEIGHT = float(os.environ.get("PATCH_KIND_WEIGHT", "1"))
-ROUTE_WEIGHT = float(os.environ.get("ROUTE_WEIGHT", "1"))
-
-
-def total_loss(out: dict[str, torch.Tensor], box_weight: float, name_weight: float) -> torch.Tensor:
-    per_patch = sum(out[f"{name}_colour"] + PATCH_KIND_WEIGHT * out[f"{name}_kind"] + box_weight * out[f"{name}_box"] + out[f"{name}_codes"]
-                    for name in ("token", "slot"))
-    names = name_weight * sum(out[f"{name}_name_colour"] + out[f"{name}_name_kind"] for name in ("token", "slot"))
-    return out["where"] + ROUTE_WEIGHT * out["route"] + per_patch + box_weight * out["object_box"] + out["object_codes"] + names
+def total_loss(out: dict[str, torch.Tensor], args) -> torch.Tensor:
+    per_patch = sum(out[f"{name}_colour"] + args.patch_kind_weight * out[f"{name}_kind"]
+                    + args.box_weight * out[f"{name}_box"] + out[f"{name}_codes"] for name in ("token", "slot"))
+    names = args.name_weight * sum(out[f"{name}_name_colour"] + out[f"{name}_name_kind"] for name in ("token", "slot"))
+    return (out["where"] + args.route_weight * out["route"] + per_patch + args.box_weight * out["object_box"]
+            + out["object_codes"] + names)
 
 
 def cosine_lr(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -344,7 +340,7 @@ def pretrain(args, cfg: Kosmos2Config | None = None) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, args.steps, args.lr, args.warmup) * group["lr_scale"]
         out = losses(model, train.next(args.batch_size))
-        loss = total_loss(out, args.box_weight, args.name_weight)
+        loss = total_loss(out, args)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if args.clip_norm > 0:
@@ -382,6 +378,10 @@ def parse_args(argv=None):
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--box-weight", type=float, default=5.0, help="weight of the box L1 loss (box in [0, 1] units)")
     parser.add_argument("--name-weight", type=float, default=1.0, help="weight of naming each object from its slots")
+    parser.add_argument("--patch-kind-weight", type=float, default=1.0,
+                        help="weight of each patch's shape class (of the object covering it)")
+    parser.add_argument("--route-weight", type=float, default=1.0,
+                        help="weight of the connector routing loss (query i attends to patch i)")
     parser.add_argument("--position-scale", type=float, default=POSITION_SCALE,
                         help="ViT position embedding init x this")
     parser.add_argument("--seed", type=int, default=0)

@@ -94,3 +94,23 @@ def test_caption_scenes_from_a_flickr_style_set(tmp_path):
     annotation["annotations"][1]["tokens_positive"] = [[0, 28]]  # two shapes in one phrase: not a synthetic set
     with pytest.raises(ev.EvaluationInputError, match="does not name one coloured shape"):
         ev.caption_scenes(annotation, tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------- REG
+
+REG_OBJECTS = [{"id": "1", "references": ["the red circle left of the blue square", "red circle"]},
+               {"id": "2", "references": ["a green diamond at the top"]},
+               {"id": "3", "references": ["the yellow triangle"]},
+               {"id": "4", "references": ["the purple square"]}]
+
+
+def test_reg_scores_hand_made_descriptions():
+    descriptions = {"1": "the red circle left of the green diamond",  # right object first; the rest is not scored
+                    "2": "a green square",                             # wrong shape
+                    "3": "the triangle"}                               # no colour; "4" has no description
+    result = ev.reg_scores(REG_OBJECTS, descriptions)
+    assert (result["objects"], result["right"], result["reg_acc"]) == (4, 1, 0.25)
+    descriptions.update({"2": "a green diamond", "3": "yellow triangle on the right", "4": "the purple square"})
+    assert ev.reg_scores(REG_OBJECTS, descriptions)["reg_acc"] == 1.0
+    descriptions["4"] = "the blue square next to the purple square"  # names another object first
+    assert ev.reg_scores(REG_OBJECTS, descriptions)["reg_acc"] == 0.75

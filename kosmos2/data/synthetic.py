@@ -461,3 +461,38 @@ def seed_questions(rng: random.Random, scene: Scene) -> list[dict]:
                 pool.append({"question": f"Where is the {a.name} relative to the {b.name}?", "choices": choices,
                              "answer": answer, "question_type_id": types["Spatial Relation"]})
     return rng.sample(pool, min(len(pool), rng.randint(1, 2)))
+
+
+# ----------------------------------------------------------------------------- instruction data
+# What data/make_synthetic.py writes to instruct/ for the instruction stream (`--instruction-data-dir`, chat layout
+# of kosmos2.templates): short conversations about one scene. Next to them the stream turns the corpus's GRIT rows into
+# the paper's Table 9 instructions (REC and the six REG templates) on the fly, so these conversations add what GRIT
+# rows cannot say: questions about a box written as a chat turn ("What is <phrase>this</phrase><object>...</object>?"
+# -> "a red circle."), which shapes the image shows, and the VQA-style questions of `vqa_questions`. Every answer is
+# read off the scene. Naming what is in a box is the skill a grounded caption needs after each `<phrase>`, so these
+# samples also teach the captioning model to name shapes.
+
+REGION_QUESTIONS = ("What is <phrase>this</phrase>{object}?", "What is <phrase>it</phrase>{object}?",
+                    "Describe <phrase>this object</phrase>{object}.")
+SCENE_QUESTIONS = ("What shapes are in the image?", "What do you see?", "Describe the image.")
+
+
+def region_turn(rng: random.Random, scene: Scene, shape: Shape, num_bins: int) -> tuple[str, str]:
+    """A question about the shape's box and its answer ("a red circle.")."""
+    from kosmos2.grounding import object_markup  # deferred: drawing scenes needs no tokenizer
+
+    markup = object_markup([shape.norm_box(scene.width, scene.height)], num_bins)
+    return rng.choice(REGION_QUESTIONS).format(object=markup), f"{article(shape.colour)} {shape.name}."
+
+
+def scene_turn(rng: random.Random, scene: Scene) -> tuple[str, str]:
+    """"What shapes are in the image?" -> every shape, in reading order ("a red circle and a blue square.")."""
+    return rng.choice(SCENE_QUESTIONS), _listing([f"{article(s.colour)} {s.name}" for s in reading_order(scene)]) + "."
+
+
+def instruction_conversation(rng: random.Random, scene: Scene, num_bins: int, max_turns: int = 3) -> list[tuple[str, str]]:
+    """1..max_turns (user, assistant) turns about the scene, drawn from: one region question per shape, one scene
+    question and the VQA-style questions (written as sentences: "How many shapes are there?" -> "3.")."""
+    pool = [region_turn(rng, scene, shape, num_bins) for shape in scene.shapes] + [scene_turn(rng, scene)]
+    pool += [(q["question"][0].upper() + q["question"][1:], q["answer"] + ".") for q in vqa_questions(rng, scene)]
+    return rng.sample(pool, min(len(pool), rng.randint(1, max_turns)))
