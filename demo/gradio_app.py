@@ -192,13 +192,13 @@ def image_notes(path: str) -> list[str]:
 
 
 def run_grounding(model, image, prompt: str, grounding: bool, sampling: bool, top_p: float, temperature: float,
-                  max_new_tokens: float, progress=None):
+                  max_new_tokens: float, block_markup_ngrams: bool = False, progress=None):
     """Submit callback: -> (annotated image, highlighted caption, raw markup, entity JSON, status line).
     Input problems raise gr.Error (a message in the page; the server goes on serving)."""
     progress = progress or gr.Progress()  # a no-op outside a gradio event (unit tests)
     try:
         return _ground(model, *uploaded_file(image), prompt, grounding, sampling, top_p, temperature,
-                       int(max_new_tokens), progress)
+                       int(max_new_tokens), bool(block_markup_ngrams), progress)
     except DemoError as e:
         raise gr.Error(str(e), print_exception=False) from None
     except Exception as e:  # a bug or e.g. out of memory: say what happened in the page, keep the traceback in the log
@@ -206,7 +206,8 @@ def run_grounding(model, image, prompt: str, grounding: bool, sampling: bool, to
         raise gr.Error(f"Generation failed: {type(e).__name__}: {e}", print_exception=False) from None
 
 
-def _ground(model, path, name, prompt, grounding, sampling, top_p, temperature, max_new_tokens, progress):
+def _ground(model, path, name, prompt, grounding, sampling, top_p, temperature, max_new_tokens, block_markup_ngrams,
+            progress):
     progress(0.0, desc="Reading the image")
     image = read_image(path, name)
     text = with_grounding(prompt or "", grounding)
@@ -217,7 +218,8 @@ def _ground(model, path, name, prompt, grounding, sampling, top_p, temperature, 
     started = time.perf_counter()
     try:
         [result] = model.ground([image], [text], max_new_tokens=max_new_tokens, do_sample=bool(sampling),
-                                top_p=float(top_p), temperature=float(temperature))
+                                top_p=float(top_p), temperature=float(temperature),
+                                block_markup_ngrams=block_markup_ngrams)
     except ValueError as e:  # bad sampling values (top-p, temperature, max tokens)
         raise DemoError(str(e)) from e
     seconds = time.perf_counter() - started
@@ -362,6 +364,10 @@ def build_demo(model, examples: list[Path] = (), title: str = "Kosmos-2: grounde
                     top_p = gr.Slider(0.05, 1.0, value=DEFAULT_TOP_P, step=0.05, label="top-p")
                     temperature = gr.Slider(0.05, 2.0, value=DEFAULT_TEMPERATURE, step=0.05, label="Temperature")
                     max_tokens = gr.Slider(1, 500, value=DEFAULT_MAX_NEW_TOKENS, step=1, label="Max new tokens")
+                    # the official blocker forbids grounding a second phrase that ends in the same word
+                    block_markup = gr.Checkbox(value=False, elem_id="block-markup-ngrams",
+                                               label="No-repeat 3-grams across grounding tags too (official; a "
+                                                     "second 'a yellow circle' cannot get a box)")
                 submit = gr.Button("Submit", variant="primary", elem_id="submit")
             with gr.Column():
                 # PNG, not gradio's default lossy WebP: thin box lines keep the exact colours of the highlighted text
@@ -393,14 +399,15 @@ def build_demo(model, examples: list[Path] = (), title: str = "Kosmos-2: grounde
 
         # gradio shows a progress bar for functions whose signature has a gr.Progress default
         def on_submit(mode, image, prompt, grounding, box, question, sampling, top_p, temperature, max_tokens,
-                      progress=gr.Progress()):
+                      block_markup, progress=gr.Progress()):
             if mode == REFER:
                 return run_refer(model, image, box, question, sampling, top_p, temperature, max_tokens, progress)
-            return run_grounding(model, image, prompt, grounding, sampling, top_p, temperature, max_tokens, progress)
+            return run_grounding(model, image, prompt, grounding, sampling, top_p, temperature, max_tokens,
+                                 block_markup, progress)
 
         # preprocess=False: the callback gets the upload's path, so broken files reach our loader (see upload_path)
         submit.click(on_submit, [mode, image, prompt, grounding, box, question, sampling, top_p, temperature,
-                                 max_tokens], outputs, preprocess=False)
+                                 max_tokens, block_markup], outputs, preprocess=False)
     return demo
 
 

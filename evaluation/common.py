@@ -131,15 +131,23 @@ def boxes_for_phrase(raw: str, phrase: str, quantized_size: int = 32, official: 
     (whitespace between `</phrase>` and `<object>` detaches the box from its phrase) and a case-sensitive `.strip()`
     comparison. Otherwise that whitespace is removed before parsing and names compare by `normalize_phrase`.
     """
-    from kosmos2 import grounding  # deferred: `kosmos2` imports torch, which cooking scripts do not need
-
-    text = text_after_image(raw)
     if official:
-        return [list(box) for name, *box in grounding.decode_bbox_from_caption(text, quantized_size=quantized_size)
+        from kosmos2 import grounding  # deferred: `kosmos2` imports torch, which cooking scripts do not need
+
+        return [list(box) for name, *box in
+                grounding.decode_bbox_from_caption(text_after_image(raw), quantized_size=quantized_size)
                 if name.strip() == phrase.strip()]
-    _caption, entities = grounding.extract_entities(_DETACHED_OBJECT.sub("</phrase><object>", text), quantized_size)
+    _caption, entities = parse_grounded(raw, quantized_size)
     key = normalize_phrase(phrase)
     return [list(box) for entity in entities if normalize_phrase(entity.phrase) == key for box in entity.boxes]
+
+
+def parse_grounded(raw: str, quantized_size: int = 32) -> tuple[str, list]:
+    """(caption without tags, [Entity(phrase, span, boxes)]) of a decoded line's part after `</image>`, with
+    whitespace between `</phrase>` and `<object>` removed so that such a box stays with its phrase."""
+    from kosmos2 import grounding
+
+    return grounding.extract_entities(_DETACHED_OBJECT.sub("</phrase><object>", text_after_image(raw)), quantized_size)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -93,9 +93,10 @@ def entities_to_json(entities) -> list:
             for phrase, span, boxes in entities]
 
 
-def generate_rows(model, batch: Sequence[dict], max_new_tokens: int, batch_size: int) -> list[dict]:
+def generate_rows(model, batch: Sequence[dict], max_new_tokens: int, batch_size: int,
+                  generation: dict | None = None) -> list[dict]:
     results = model.ground([item["image"] for item in batch], [item["prompt"] for item in batch],
-                           max_new_tokens=max_new_tokens, batch_size=batch_size)
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, **(generation or {}))
     if len(results) != len(batch):
         raise RuntimeError(f"model.ground returned {len(results)} results for {len(batch)} prompts")
     return [{"id": item["id"], "image": item["image"], "prompt": item["prompt"], "raw": result.raw,
@@ -125,11 +126,12 @@ def score_rows(model, batch: Sequence[dict], batch_size: int) -> list[dict]:
 
 def run(model, items: Sequence[dict], out_path, batch_size: int = 8, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         limit: int | None = None, progress: bool = True, checkpoint: str | None = None,
-        ranks: data_parallel.Ranks | None = None) -> dict:
+        ranks: data_parallel.Ranks | None = None, generation: dict | None = None) -> dict:
     """Predict every item not yet in `out_path` and append the rows; returns counts.
 
     checkpoint: recorded in every row and checked when resuming (None: neither).
     ranks: this process's share under torchrun (default: from the environment; evaluation/data_parallel.py).
+    generation: more `Kosmos2.ground` options for generate mode (default: the official greedy decoding).
     """
     if limit is not None:
         items = items[:limit]
@@ -143,7 +145,7 @@ def run(model, items: Sequence[dict], out_path, batch_size: int = 8, max_new_tok
     if ranks.world_size == 1:
         done = finished_ids(out_path, items_by_id, checkpoint)
         todo = [item for item in items if item["id"] not in done]
-        predict(model, todo, out_path, scoring, batch_size, max_new_tokens, checkpoint, progress, len(items))
+        predict(model, todo, out_path, scoring, batch_size, max_new_tokens, checkpoint, progress, len(items), generation)
         return {"prompts": len(items), "skipped_finished": len(done), "predicted": len(todo),
                 "mode": "score" if scoring else "generate"}
 
@@ -156,7 +158,8 @@ def run(model, items: Sequence[dict], out_path, batch_size: int = 8, max_new_tok
     ranks.barrier()
     todo = [item for item in items if item["id"] not in done]
     mine = data_parallel.shard(todo, batch_size, ranks)
-    predict(model, mine, part, scoring, batch_size, max_new_tokens, checkpoint, progress and ranks.is_main, len(mine))
+    predict(model, mine, part, scoring, batch_size, max_new_tokens, checkpoint, progress and ranks.is_main, len(mine),
+            generation)
     ranks.barrier()
     missing = data_parallel.merge(out_path, items) if ranks.is_main else 0
     ranks.barrier()  # the merged file exists for every rank from here on
@@ -166,7 +169,7 @@ def run(model, items: Sequence[dict], out_path, batch_size: int = 8, max_new_tok
 
 
 def predict(model, todo: Sequence[dict], out_path: Path, scoring: bool, batch_size: int, max_new_tokens: int,
-            checkpoint: str | None, progress: bool, total: int) -> None:
+            checkpoint: str | None, progress: bool, total: int, generation: dict | None = None) -> None:
     """Append one row per item of `todo` to `out_path`, batch by batch (a crash loses at most the batch in flight)."""
     with open(out_path, "a", encoding="utf-8") as out, \
             tqdm(total=total, initial=total - len(todo), desc=out_path.name, unit="prompt",
@@ -174,7 +177,7 @@ def predict(model, todo: Sequence[dict], out_path: Path, scoring: bool, batch_si
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             rows = score_rows(model, batch, batch_size) if scoring else generate_rows(model, batch, max_new_tokens,
-                                                                                       batch_size)
+                                                                                       batch_size, generation)
             if checkpoint is not None:
                 for row in rows:
                     row["checkpoint"] = checkpoint

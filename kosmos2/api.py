@@ -215,7 +215,7 @@ class Kosmos2:
     def generate_ids(self, images, prompts=None, batch_size: int = 8, **generation) -> list[Generated]:
         """Token-level generation: per row a `Generated(tokens, score, ended_with_eos, prompt_ids)`. `generation`
         holds GenerationConfig fields (semantics, max_new_tokens, max_length, num_beams, do_sample, top_p,
-        temperature, seed, no_repeat_ngram_size, length_penalty)."""
+        temperature, seed, no_repeat_ngram_size, ngram_exempt_ids, length_penalty)."""
         rows, prompts = self._normalise_inputs(images, prompts)
         return [g for g, _ in self._generate(rows, prompts, batch_size, generation)]
 
@@ -238,12 +238,18 @@ class Kosmos2:
     def ground(self, images, prompts=None, *, max_new_tokens: int | None = None, max_length: int | None = None,
                batch_size: int = 8, num_beams: int = 1, do_sample: bool = False, top_p: float = 1.0,
                temperature: float = 1.0, seed: int | None = None, semantics: str = OFFICIAL,
-               no_repeat_ngram_size: int = 3, length_penalty: float = 1.0) -> list[GroundingResult]:
-        """Generate for each (images, prompt) row and parse the grounding markup (see module docstring)."""
+               no_repeat_ngram_size: int = 3, block_markup_ngrams: bool = True,
+               length_penalty: float = 1.0) -> list[GroundingResult]:
+        """Generate for each (images, prompt) row and parse the grounding markup (see module docstring).
+
+        block_markup_ngrams=False exempts n-grams with grounding tags or location tokens from the no-repeat blocker
+        (the official and HF blockers forbid grounding a second phrase that ends in the same word)."""
         rows, prompts = self._normalise_inputs(images, prompts)
+        exempt = frozenset() if block_markup_ngrams else self.tokenizer.grounding_markup_ids
         generation = dict(max_new_tokens=max_new_tokens, max_length=max_length, num_beams=num_beams,
                           do_sample=do_sample, top_p=top_p, temperature=temperature, seed=seed, semantics=semantics,
-                          no_repeat_ngram_size=no_repeat_ngram_size, length_penalty=length_penalty)
+                          no_repeat_ngram_size=no_repeat_ngram_size, ngram_exempt_ids=exempt,
+                          length_penalty=length_penalty)
         return [self._to_result(g, size) for g, size in self._generate(rows, prompts, batch_size, generation)]
 
     def _to_result(self, generated: Generated, size) -> GroundingResult:

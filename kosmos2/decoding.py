@@ -24,6 +24,12 @@ Two semantics (docs/official_behaviour.md#official-decoding and #hf-port-differe
 The n-gram blocker keeps, per row, a dict from (n-1)-gram to the tokens that followed it and updates it with one entry
 per step; the prompt's n-grams are built once and shared by all beams of a sentence.
 
+Both references block n-grams of every token, grounding markup and location tokens included, so a caption cannot
+ground two phrases that end in the same word ("a red circle" and "a yellow circle": the second `circle </phrase>
+<object>` repeats a 3-gram). `ngram_exempt_ids` (the tokenizer's `grounding_markup_ids`, through
+`Kosmos2.ground(..., block_markup_ngrams=False)`) leaves every n-gram that contains one of those ids unblocked; the
+default keeps the official behaviour.
+
 Deliberate difference from both references: pad tokens of left-padded rows are never part of a row's history (HF's
 blocker would see them), which is what makes batched output equal to batch-size-1 output.
 """
@@ -56,6 +62,7 @@ class GenerationConfig:
     temperature: float = 1.0            # sampling only (greedy and beam search ignore it)
     seed: int | None = None
     no_repeat_ngram_size: int = 3
+    ngram_exempt_ids: frozenset = frozenset()  # n-grams containing any of these ids are never blocked
     length_penalty: float = 1.0
     bos: int = 0
     pad: int = 1
@@ -99,11 +106,12 @@ class NGramBlocker:
 
     `prompt_ngrams[s]` maps each (n-1)-gram of prompt s to the tokens that followed it (built once, never mutated,
     shared by all beams of the sentence); `own[r]` holds row r's generated n-grams with immutable frozensets as values,
-    so a beam that is selected twice needs only a shallow dict copy.
+    so a beam that is selected twice needs only a shallow dict copy. n-grams containing an `exempt` id are not kept.
     """
 
-    def __init__(self, n: int, histories: Sequence[Sequence[int]]):
+    def __init__(self, n: int, histories: Sequence[Sequence[int]], exempt: frozenset = frozenset()):
         self.n = n
+        self.exempt = frozenset(exempt)
         self.prompt_ngrams = [self._ngrams(h) for h in histories] if n > 0 else []
         self.sentence = list(range(len(histories)))
         self.own: list[dict] = [{} for _ in histories]
@@ -113,13 +121,16 @@ class NGramBlocker:
         table: dict[tuple, set] = {}
         k = self.n - 1
         for i in range(len(tokens) - k):
-            table.setdefault(tuple(tokens[i:i + k]), set()).add(tokens[i + k])
+            if self.exempt.isdisjoint(tokens[i:i + k + 1]):
+                table.setdefault(tuple(tokens[i:i + k]), set()).add(tokens[i + k])
         return table
 
     def banned(self, row: int) -> set:
         if self.n == 0 or len(self.tails[row]) < self.n - 1:
             return set()
         key = self.tails[row]
+        if not self.exempt.isdisjoint(key):
+            return set()
         return self.prompt_ngrams[self.sentence[row]].get(key, set()) | self.own[row].get(key, frozenset())
 
     def ban(self, lprobs: torch.Tensor, rows: Sequence[int]) -> bool:
@@ -141,7 +152,7 @@ class NGramBlocker:
             return
         for r, tok in enumerate(tokens):
             tail = self.tails[r]
-            if len(tail) == self.n - 1:
+            if len(tail) == self.n - 1 and tok not in self.exempt and self.exempt.isdisjoint(tail):
                 own = self.own[r]
                 own[tail] = own.get(tail, frozenset()) | {tok}
             self.tails[r] = (tail + (tok,))[-(self.n - 1):] if self.n > 1 else ()
@@ -290,7 +301,7 @@ def _greedy_or_sample(model, prompts, tokens, mask, image_features, config, has_
     if config.do_sample:
         generator = torch.Generator(device=logits.device)
         generator.manual_seed(config.seed if config.seed is not None else torch.seed())
-    blocker = NGramBlocker(config.no_repeat_ngram_size, prompts)
+    blocker = NGramBlocker(config.no_repeat_ngram_size, prompts, config.ngram_exempt_ids)
     rows = list(range(batch))  # original row of each live cache row
     results = [Generated([], 0.0, False) for _ in range(batch)]
     generated = 0
@@ -373,7 +384,7 @@ def _beam_search(model, prompts, tokens, mask, image_features, config, has_image
     expand = torch.arange(len(prompts), device=logits.device).repeat_interleave(k)
     cache.reorder(expand)
     logits = logits.index_select(0, expand)
-    blocker = NGramBlocker(config.no_repeat_ngram_size, prompts)
+    blocker = NGramBlocker(config.no_repeat_ngram_size, prompts, config.ngram_exempt_ids)
     blocker.select(expand.tolist())
     beam_scores = torch.full((len(prompts), k), HF_FINISHED_SCORE, device=logits.device)
     beam_scores[:, 0] = 0.0

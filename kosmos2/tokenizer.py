@@ -260,6 +260,13 @@ class Kosmos2Tokenizer:
             raise ValueError(f"patch index {i} outside 0..{self.num_location_tokens - 1} (grid {self.location_bin_size}x{self.location_bin_size})")
         return self._first_patch_index + i
 
+    @property
+    def grounding_markup_ids(self) -> frozenset[int]:
+        """Ids of the tags of grounded text (`<grounding>`, `<phrase>`, `</phrase>`, `<object>`, `</object>`, the
+        multi-box delimiter) and of every location token."""
+        tags = (self.grounding, self.phrase_start, self.phrase_end, self.object_start, self.object_end, self.delimiter)
+        return frozenset(tags) | frozenset(range(self._first_patch_index, self._first_patch_index + self.num_location_tokens))
+
     def is_patch_index_id(self, token_id: int) -> bool:
         return self._first_patch_index <= token_id < self._first_patch_index + self.num_location_tokens
 

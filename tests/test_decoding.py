@@ -304,23 +304,26 @@ def test_sampling_is_reproducible_and_top_p_tiny_is_greedy(cfg, model, pixels):
 # n-gram blocker
 
 
-def naive_banned(history, n):
+def naive_banned(history, n, exempt=frozenset()):
+    """Every token that would complete an n-gram already in `history`, n-grams holding an exempt token left out."""
     if len(history) < n - 1:
         return set()
     key = tuple(history[len(history) - n + 1:]) if n > 1 else ()
-    return {tuple(history[i:i + n])[-1] for i in range(len(history) - n + 1) if tuple(history[i:i + n - 1]) == key}
+    grams = [tuple(history[i:i + n]) for i in range(len(history) - n + 1)]
+    return {gram[-1] for gram in grams if gram[:-1] == key and not exempt & set(gram) and not exempt & set(key)}
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 4), st.lists(st.integers(0, 4), min_size=0, max_size=12),
-       st.lists(st.integers(0, 4), min_size=1, max_size=15), st.lists(st.integers(0, 2), min_size=15, max_size=15))
-def test_ngram_blocker_matches_naive(n, prompt, generated, parents):
+       st.lists(st.integers(0, 4), min_size=1, max_size=15), st.lists(st.integers(0, 2), min_size=15, max_size=15),
+       st.frozensets(st.integers(0, 4), max_size=2))
+def test_ngram_blocker_matches_naive(n, prompt, generated, parents, exempt):
     prompt = [0] + prompt
-    blocker = NGramBlocker(n, [prompt, prompt[:1]])
+    blocker = NGramBlocker(n, [prompt, prompt[:1]], exempt)
     histories = [list(prompt), list(prompt[:1])]
     for step, tok in enumerate(generated):
         for r in range(len(histories)):
-            assert blocker.banned(r) == naive_banned(histories[r], n)
+            assert blocker.banned(r) == naive_banned(histories[r], n, exempt)
         # reorder like beam search (a row may be chosen twice), then append a token to each row
         index = [min(parents[step], len(histories) - 1), 0, len(histories) - 1]
         blocker.select(index)
@@ -330,7 +333,21 @@ def test_ngram_blocker_matches_naive(n, prompt, generated, parents):
         for h, t in zip(histories, toks):
             h.append(t)
     for r in range(len(histories)):
-        assert blocker.banned(r) == naive_banned(histories[r], n)
+        assert blocker.banned(r) == naive_banned(histories[r], n, exempt)
+
+
+def test_markup_exempt_blocker_lets_a_second_circle_be_grounded():
+    """`a red circle</phrase><object>..</object> and a yellow circle</phrase>`: the official 3-gram blocker forbids
+    the second `<object>` (`circle </phrase> <object>` repeats); with the markup exempt it is allowed, while a repeated
+    text 3-gram stays blocked."""
+    A, RED, YELLOW, CIRCLE, AND, PHRASE, END_PHRASE, OBJECT, END_OBJECT, P1, P2 = range(10, 21)
+    history = [0, PHRASE, A, RED, CIRCLE, END_PHRASE, OBJECT, P1, P2, END_OBJECT, AND, PHRASE, A, YELLOW, CIRCLE,
+               END_PHRASE]
+    markup = frozenset({PHRASE, END_PHRASE, OBJECT, END_OBJECT, P1, P2})
+    assert NGramBlocker(3, [history]).banned(0) == {OBJECT}
+    assert NGramBlocker(3, [history], markup).banned(0) == set()
+    text = [0, A, RED, CIRCLE, AND, A, RED]
+    assert NGramBlocker(3, [text], markup).banned(0) == {CIRCLE}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -207,6 +207,20 @@ def test_max_new_tokens_bounds_the_answer(model, example):
     assert len(entities["token_ids"]) <= 2 and status.startswith(f"Generated {len(entities['token_ids'])} tokens")
 
 
+def test_markup_ngram_blocking_is_off_unless_asked(model, example, monkeypatch):
+    """The page leaves grounding markup out of the no-repeat blocker unless the official behaviour is ticked."""
+    seen, real = [], model.ground
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["block_markup_ngrams"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "ground", spy)
+    ground(model, example, max_new_tokens=2)
+    app.run_grounding(model, str(example), GROUNDED, True, False, 0.9, 0.7, 2, True)
+    assert seen == [False, True]
+
+
 # ----------------------------------------------------------------------------------------------- bad inputs
 
 

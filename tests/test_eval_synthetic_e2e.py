@@ -282,9 +282,14 @@ def test_refcoco_wrapper(case):
 
 def test_synthetic_wrapper(case):
     out = wrapper_output(case, "synthetic")
-    last = out.rstrip().splitlines()[-1]
+    lines = out.rstrip().splitlines()
+    last = lines[-1]
     assert last.startswith("grounding_acc@0.5: ")
+    assert [line.split(":")[0] for line in lines[-4:-1]] == ["caption_object_acc", "caption_grounded_recall", "reg_acc"]
     summary = read_json(case.checkpoint.parent / "eval_synthetic" / case.checkpoint.stem / "results.json")
+    reg_objects = {a["original_id"] for a in read_json(case.eval / "reg/finetune_refcocog_val.json")["annotations"]}
+    assert summary["reg"]["objects"] == min(case.limit, len(reg_objects))
+    assert lines[-2] == f"reg_acc: {summary['reg_acc']:.4f}"
     # the other tasks' sets under eval/ are not grounding sets
     assert set(summary["sets"]) == {"refcoco_val", "refcoco_testA", "flickr_val", "flickr_test"}
     for name, spec in summary["sets"].items():

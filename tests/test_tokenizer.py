@@ -62,6 +62,8 @@ def test_official_dictionary_layout(tok):
     assert (tok.object_start, tok.object_end, tok.delimiter) == (64009, 64010, 64011)
     assert tok.dictionary.symbols[64001:64013] == ["<mask>"] + TAGS
     assert tok.num_location_tokens == 1024
+    # the markup of grounded text: <phrase> </phrase> <object> </object> delimiter <grounding> + the 1024 locations
+    assert tok.grounding_markup_ids == frozenset(range(64007, 65037))
     # fairseq id = spm id + 1 (docs/official_behaviour.md#vocabulary): spm 3 '.', 4 '▁the'
     assert tok.index(".") == 4 and tok.index("▁the") == 5 and tok.sp.piece_to_id("▁the") + 1 == 5
     with pytest.raises(KeyError, match="not in the Kosmos-2 dictionary"):
