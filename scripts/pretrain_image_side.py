@@ -67,7 +67,7 @@ COLOUR_NAMES = sorted(syn.COLOURS)
 KIND_NAMES = list(syn.SHAPES)
 JPEG_QUALITY = 95  # as data/make_synthetic.py
 MAX_OBJECTS = 3  # syn.sample_scene's default max_shapes
-POSITION_SCALE = 14.0  # ViT position embedding init x this: std 1 per channel instead of open_clip's width^-0.5
+POSITION_SCALE = 2.0  # ViT position embedding init x this (see ImageSide)
 
 
 def object_bins(shape: syn.Shape, scene: syn.Scene, bins: int) -> tuple[int, int]:
@@ -385,7 +385,7 @@ def parse_args(argv=None):
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--box-weight", type=float, default=5.0, help="weight of the box L1 loss (box in [0, 1] units)")
     parser.add_argument("--name-weight", type=float, default=4.0, help="weight of naming each object from its slots")
-    parser.add_argument("--patch-kind-weight", type=float, default=2.0,
+    parser.add_argument("--patch-kind-weight", type=float, default=1.0,
                         help="weight of each patch's shape class (of the object covering it)")
     parser.add_argument("--route-weight", type=float, default=4.0,
                         help="weight of the connector routing loss (query i attends to patch i)")
