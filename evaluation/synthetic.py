@@ -258,7 +258,8 @@ def main(argv=None):
                "caption_object_acc": captions and captions["caption_object_acc"],
                "caption_grounded_recall": captions and captions["caption_grounded_recall"],
                "sets": {o["name"]: {k: o[k] for k in ("task", "prompts", "hits", "score")} for o in outcomes},
-               "reg_acc": reg and reg["reg_acc"], "captions": captions, "reg": reg, "details": {o["name"]: o["results"] for o in outcomes}}
+               "reg_acc": reg and reg["reg_acc"], "captions": captions, "reg": reg,
+               "details": {o["name"]: o["results"] for o in outcomes}}
     table = markdown_table(["set", "metric", "prompts", "score"],
                            [[o["name"], "acc@0.5" if o["task"] == "refcoco" else "R@1", o["prompts"], o["score"]]
                             for o in outcomes] + [["all (pooled)", "first box IoU>=0.5", total_prompts, grounding_acc]]
