@@ -13,7 +13,8 @@ line printed is
 
 X = the fraction of all grounding prompts (every RefCOCO expression and every Flickr phrase of every split) whose
 first predicted box has IoU >= 0.5 with a ground-truth box: RefCOCO acc@0.5 and Flickr R@1, pooled. train.sh ends
-with this line. Before it come two caption metrics on the held-out scenes of the Flickr-style sets (every shape of
+with this line. Before it come two caption metrics (when the Flickr-style sets are the synthetic world's; otherwise a
+warning says why they are missing) on the held-out scenes of the Flickr-style sets (every shape of
 such a scene is one phrase of its reference caption, with its box), captioned with the demo's Brief prompt
 `<grounding>An image of`:
 
@@ -42,7 +43,7 @@ from tqdm import tqdm
 
 from evaluation import data_parallel, runner
 from evaluation.common import (EvaluationInputError, box_iou, load_predictions, markdown_table, parse_grounded,
-                               read_json, write_prompts, write_results, xywh_to_xyxy)
+                               read_json, warn, write_prompts, write_results, xywh_to_xyxy)
 from evaluation.flickr_entities import flickr_entities_evaluate
 from evaluation.flickr_entities.cook_data import phrase_items
 from evaluation.refcoco import refexp_evaluate
@@ -162,12 +163,19 @@ def caption_scores(scenes: dict[str, dict], predictions: dict[str, str]) -> dict
             "caption_object_acc": right_scenes / len(scenes), "caption_grounded_recall": found / objects}
 
 
-def evaluate_captions(model, specs: list[dict], out_dir: Path, args, checkpoint_id: str) -> dict:
-    """Caption every scene of the Flickr-style sets with CAPTION_PROMPT and score the captions."""
+def evaluate_captions(model, specs: list[dict], out_dir: Path, args, checkpoint_id: str) -> dict | None:
+    """Caption every scene of the Flickr-style sets with CAPTION_PROMPT and score the captions; None (with a warning)
+    when there are no such scenes or their phrases are not the synthetic world's (the grounding sets still count)."""
     scenes = {}
-    for spec in specs:
-        if spec["task"] == "flickr":
-            scenes.update(caption_scenes(read_json(spec["annotation"], "annotation file"), spec["image_root"]))
+    try:
+        for spec in specs:
+            if spec["task"] == "flickr":
+                scenes.update(caption_scenes(read_json(spec["annotation"], "annotation file"), spec["image_root"]))
+    except EvaluationInputError as e:
+        warn(f"no caption metrics: {e}")
+        return None
+    if not scenes:
+        return None
     items = [{"id": key, "image": scene["image"], "prompt": CAPTION_PROMPT} for key, scene in scenes.items()]
     write_prompts(out_dir / "captions.prompts.jsonl", items)
     predictions = out_dir / "captions.predictions.jsonl"
@@ -243,22 +251,24 @@ def main(argv=None):
     total_prompts = sum(o["prompts"] for o in outcomes)
     grounding_acc = sum(o["hits"] for o in outcomes) / total_prompts
     summary = {"checkpoint": args.checkpoint, "grounding_acc@0.5": grounding_acc,
-               "caption_object_acc": captions["caption_object_acc"],
-               "caption_grounded_recall": captions["caption_grounded_recall"],
+               "caption_object_acc": captions and captions["caption_object_acc"],
+               "caption_grounded_recall": captions and captions["caption_grounded_recall"],
                "sets": {o["name"]: {k: o[k] for k in ("task", "prompts", "hits", "score")} for o in outcomes},
-               "reg_acc": reg and reg["reg_acc"], "captions": captions, "reg": reg, "details": {o["name"]: o["results"] for o in outcomes}}
+               "reg_acc": reg and reg["reg_acc"], "captions": captions, "reg": reg,
+               "details": {o["name"]: o["results"] for o in outcomes}}
     table = markdown_table(["set", "metric", "prompts", "score"],
                            [[o["name"], "acc@0.5" if o["task"] == "refcoco" else "R@1", o["prompts"], o["score"]]
-                            for o in outcomes] + [["all (pooled)", "first box IoU>=0.5", total_prompts, grounding_acc],
-                           ["scene captions", "caption_object_acc", captions["scenes"], captions["caption_object_acc"]],
-                           ["scene captions", "caption_grounded_recall", captions["objects"],
-                            captions["caption_grounded_recall"]]]
+                            for o in outcomes] + [["all (pooled)", "first box IoU>=0.5", total_prompts, grounding_acc]]
+                           + ([["scene captions", "caption_object_acc", captions["scenes"], captions["caption_object_acc"]],
+                               ["scene captions", "caption_grounded_recall", captions["objects"],
+                                captions["caption_grounded_recall"]]] if captions else [])
                            + ([["held-out boxes", "reg_acc", reg["objects"], reg["reg_acc"]]] if reg else []))
     write_results(summary, table, out_dir / "results")
     print(table)
     print(f"results: {out_dir / 'results.json'}")
-    print(f"caption_object_acc: {captions['caption_object_acc']:.4f}")
-    print(f"caption_grounded_recall: {captions['caption_grounded_recall']:.4f}")
+    if captions:
+        print(f"caption_object_acc: {captions['caption_object_acc']:.4f}")
+        print(f"caption_grounded_recall: {captions['caption_grounded_recall']:.4f}")
     if reg:
         print(f"reg_acc: {reg['reg_acc']:.4f}")
     print(f"grounding_acc@0.5: {grounding_acc:.4f}")

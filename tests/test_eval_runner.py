@@ -25,12 +25,14 @@ class FakeKosmos2:
         self.boxes = boxes or {}
         self.fail_after_calls = fail_after_calls
         self.ground_calls = []
+        self.generation = []  # the decoding options of each call beyond the runner's defaults
         self.score_calls = []
 
-    def ground(self, images, prompts, max_new_tokens=64, batch_size=8):
+    def ground(self, images, prompts, max_new_tokens=64, batch_size=8, **generation):
         if self.fail_after_calls is not None and len(self.ground_calls) >= self.fail_after_calls:
             raise KeyboardInterrupt("simulated crash")
         self.ground_calls.append(list(prompts))
+        self.generation.append(generation)
         results = []
         for prompt in prompts:
             phrase = prompt.split("<phrase>")[-1].split("</phrase>")[0]
@@ -164,6 +166,10 @@ def test_synthetic_pools_refcoco_and_flickr(tmp_path, monkeypatch, capsys):
     assert summary["sets"]["refcoco_val"] == {"task": "refcoco", "prompts": 2, "hits": 1, "score": 0.5}
     assert summary["sets"]["flickr_test"] == {"task": "flickr", "prompts": 2, "hits": 2, "score": 1.0}
     assert summary["grounding_acc@0.5"] == 0.75
+    # grounding prompts decode as officially; the scene captions leave grounding markup out of the n-gram blocker
+    assert {str(g) for g, p in zip(model.generation, model.ground_calls) if "An image of" not in p[0]} == {"{}"}
+    assert {str(g) for g, p in zip(model.generation, model.ground_calls) if "An image of" in p[0]} == \
+        {str(synthetic.CAPTION_DECODING)} == {"{'block_markup_ngrams': False}"}
     out = capsys.readouterr().out
     assert out.rstrip().splitlines()[-1] == "grounding_acc@0.5: 0.7500"
     results = tmp_path / "ckpt" / "eval_synthetic" / "model" / "results.json"
