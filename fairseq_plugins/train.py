@@ -47,6 +47,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.distributed import utils as distributed_utils
 from fairseq_cli import train as fairseq_train
 from omegaconf import open_dict
+import torch
 
 from fairseq_plugins import deepspeed_config
 
@@ -141,6 +142,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: training stopped: {err}\nThe last good state is {cfg.checkpoint.save_dir}/checkpoint_last.pt "
                  f"(crash.pt holds the failing one). Lower --lr, raise --warmup-updates, check --clip-norm, or train "
                  f"with --bf16 instead of fp16.")
+    finally:
+        # fairseq leaves the process group to the interpreter's exit, where tearing down c10d's threads can abort a
+        # rank that has finished ("terminate called without an active exception"); shut it down while all is alive
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
