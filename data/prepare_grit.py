@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 
 from kosmos2.data.grit_builder import grit_files
-from kosmos2.data.pair_sources import PairReader, PairRef, list_pairs
+from kosmos2.data.pair_sources import PairReader, PairRef, PairSkipped, list_pairs, parse_meta
 from kosmos2.data.rows import format_grit_row
 
 MANIFEST = "manifest.json"
@@ -45,12 +45,6 @@ SHARD_PATTERN = "grit_{:05d}.tsv"
 
 
 # ----------------------------------------------------------------------------- one sample
-
-class SampleSkipped(Exception):
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
 
 def upright_image(image: Image.Image, width: int, height: int) -> tuple[Image.Image, bool]:
     """Apply the EXIF rotation only when it is what makes the pixels match the json's width/height."""
@@ -62,30 +56,20 @@ def upright_image(image: Image.Image, width: int, height: int) -> tuple[Image.Im
     return image, False
 
 
-def parse_meta(meta_bytes: bytes) -> dict:
-    try:
-        meta = json.loads(meta_bytes)
-    except (ValueError, UnicodeDecodeError):
-        raise SampleSkipped("bad_json")
-    if not isinstance(meta, dict):
-        raise SampleSkipped("bad_json")
-    return meta
-
-
 def make_row(meta: dict, image_bytes: bytes | None) -> tuple[str, bool]:
-    """One TSV line (without newline) and whether it carries GRIT annotations; raises SampleSkipped."""
+    """One TSV line (without newline) and whether it carries GRIT annotations; raises PairSkipped."""
     if image_bytes is None:
-        raise SampleSkipped("missing_image")
+        raise PairSkipped("missing_image")
     if meta.get("status", "success") != "success":
-        raise SampleSkipped("download_failed")
+        raise PairSkipped("download_failed")
     caption = str(meta.get("caption") or "")
     if not caption.strip():
-        raise SampleSkipped("empty_caption")
+        raise PairSkipped("empty_caption")
     try:
         image = Image.open(io.BytesIO(image_bytes))
         image.load()
     except (UnidentifiedImageError, OSError, ValueError):
-        raise SampleSkipped("undecodable_image")
+        raise PairSkipped("undecodable_image")
     width, height = meta.get("width") or image.size[0], meta.get("height") or image.size[1]
     image, _ = upright_image(image, int(width), int(height))
     buffer = io.BytesIO()
@@ -101,7 +85,7 @@ def read_sample(reader: PairReader, ref: PairRef, annotation: dict | None, joine
     meta = parse_meta(reader.read_meta(ref))
     if joined:
         if annotation is None:
-            raise SampleSkipped("no_grit_record")
+            raise PairSkipped("no_grit_record")
         meta = {**meta, **annotation}
     return make_row(meta, reader.read_image(ref, meta))
 
@@ -117,7 +101,7 @@ def write_shard(job: tuple[int, list[PairRef], str, dict | None]) -> dict:
         for ref in refs:
             try:
                 line, has_grit = read_sample(reader, ref, (annotations or {}).get(ref.key), annotations is not None)
-            except SampleSkipped as skip:
+            except PairSkipped as skip:
                 skipped[skip.reason] += 1
                 continue
             except (OSError, KeyError, tarfile.TarError):

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from kosmos2.data.box_filter import DEFAULT_NMS_IOU, DEFAULT_SCORE_THRESHOLD, Detection, clip_box, filter_detections
 from kosmos2.data.grounders import GroundingRequest, make_grounder
 from kosmos2.data.noun_chunks import Chunk, caption_chunks, default_spacy_model, load_spacy
-from kosmos2.data.pair_sources import PairReader, PairRef, list_pairs
+from kosmos2.data.pair_sources import PairReader, PairRef, PairSkipped, list_pairs, parse_meta
 
 BUILD_FILE = "build.json"
 SUMMARY_FILE = "summary.json"
@@ -72,12 +72,6 @@ def shard_range(num_pairs: int, num_shards: int, shard_id: int) -> range:
 
 # ----------------------------------------------------------------------------- one pair
 
-class PairDropped(Exception):
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
 @dataclass
 class Pair:
     ref: PairRef
@@ -101,22 +95,17 @@ def image_size(image_bytes: bytes) -> tuple[int, int]:
 
 
 def read_pair(reader: PairReader, ref: PairRef) -> Pair:
-    """The pair's json and caption; raises PairDropped with the reason it cannot be used."""
+    """The pair's json and caption; raises PairSkipped with the reason it cannot be used."""
     try:
         raw = reader.read_meta(ref)
     except (OSError, KeyError):
-        raise PairDropped("unreadable_input")
-    try:
-        meta = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise PairDropped("bad_json")
-    if not isinstance(meta, dict):
-        raise PairDropped("bad_json")
+        raise PairSkipped("unreadable_input")
+    meta = parse_meta(raw)
     if meta.get("status", "success") != "success":
-        raise PairDropped("download_failed")
+        raise PairSkipped("download_failed")
     caption = meta.get("caption")
     if not isinstance(caption, str) or not caption.strip():
-        raise PairDropped("empty_caption")
+        raise PairSkipped("empty_caption")
     width, height = meta.get("width"), meta.get("height")
     known = isinstance(width, (int, float)) and isinstance(height, (int, float)) and width > 0 and height > 0
     return Pair(ref, meta, caption, (int(width), int(height)) if known else None)
@@ -126,9 +115,9 @@ def pair_image_bytes(reader: PairReader, pair: Pair) -> bytes:
     try:
         data = reader.read_image(pair.ref, pair.meta)
     except (OSError, KeyError):
-        raise PairDropped("unreadable_input")
+        raise PairSkipped("unreadable_input")
     if data is None:
-        raise PairDropped("missing_image")
+        raise PairSkipped("missing_image")
     return data
 
 
@@ -175,7 +164,7 @@ class ShardBuilder:
             else:
                 pair.size = image_size(data)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):  # kosmos2.image's errors are ValueErrors
-            raise PairDropped("undecodable_image")
+            raise PairSkipped("undecodable_image")
 
     def ground(self, batch: list[tuple[Pair, list[Chunk]]]) -> list[dict]:
         """Ground a batch of parsed pairs; the GRIT records of the pairs that keep a box."""
@@ -183,7 +172,7 @@ class ShardBuilder:
         for pair, chunks in batch:
             try:
                 self._load_image(pair)
-            except PairDropped as drop:
+            except PairSkipped as drop:
                 self._drop(drop.reason)
                 continue
             usable.append((pair, chunks))
@@ -225,7 +214,7 @@ class ShardBuilder:
             for i, ref in enumerate(refs):
                 try:
                     pending[i] = read_pair(self.reader, ref)
-                except PairDropped as drop:
+                except PairSkipped as drop:
                     self._drop(drop.reason)
                     bar.update(1)
                     continue

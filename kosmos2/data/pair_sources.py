@@ -80,6 +80,25 @@ def list_pairs(inputs: list[str]) -> list[PairRef]:
     return refs
 
 
+class PairSkipped(Exception):
+    """A pair that yields nothing; `reason` is its key in the run's summary ("bad_json", "missing_image", ...)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def parse_meta(raw: bytes) -> dict:
+    """A pair's img2dataset json; raises PairSkipped("bad_json") when it is not a JSON object."""
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise PairSkipped("bad_json")
+    if not isinstance(meta, dict):
+        raise PairSkipped("bad_json")
+    return meta
+
+
 class PairReader:
     """Reads pairs by `PairRef`; keeps `.tar` files open between calls (use as a context manager, or `close()`)."""
 
