@@ -87,6 +87,18 @@ def test_conjunctions_are_not_expanded_the_conjunct_neither():
     assert chunks_of(doc)[0] == [(0, 5, (0, 5), "conjunct"), (10, 15, (10, 15), "conjunct"), (19, 25, (19, 25), "copied")]
 
 
+def test_comma_lists_parsed_as_apposition_are_not_expanded():
+    # spaCy 3.8's parse of a comma list: "woman" is an appositive of "man" with "dog" as its conjunct. Without the
+    # list rule "a man" would expand over the whole list and take it to the man's box
+    doc = parsed("a man, a woman and a dog in a park", [
+        ("a", 1, "det", "DET"), ("man", 1, "ROOT", "NOUN"), (",", 1, "punct", "PUNCT"), ("a", 4, "det", "DET"),
+        ("woman", 1, "appos", "NOUN"), ("and", 4, "cc", "CCONJ"), ("a", 7, "det", "DET"), ("dog", 4, "conj", "NOUN"),
+        ("in", 7, "prep", "ADP"), ("a", 10, "det", "DET"), ("park", 8, "pobj", "NOUN")])
+    chunks, counts = chunks_of(doc)
+    assert chunks == [(0, 5, (0, 5), "conjunct"), (7, 14, (7, 14), "conjunct"), (19, 24, (19, 24), "conjunct"),
+                      (28, 34, (28, 34), "copied")]
+
+
 def test_appositives():
     # the appositive is part of the head noun's subtree; its own chunk expands over its PP
     doc = parsed("the statue, a gift from France", [
@@ -149,6 +161,9 @@ REAL_CAPTIONS = {
         [("a lifelong journey", "a lifelong journey")], [("The pursuit", "abstract"), ("happiness", "abstract")]),
     "We had the time of our lives at the beach": (
         [("the beach", "the beach")], [("We", "pronoun"), ("the time", "abstract"), ("our lives", "abstract")]),
+    # a comma list (parsed as an apposition with a conjunct): each item its own expression
+    "a man, a woman and a dog in a park": (
+        [("a man", "a man"), ("a woman", "a woman"), ("a dog", "a dog"), ("a park", "a park")], []),
     "a cat and a dog sleeping on a red sofa": (
         [("a cat", "a cat"), ("a dog", "a dog"), ("a red sofa", "a red sofa")], []),
     "close-up of a bowl of soup with bread on a wooden table": (

@@ -9,6 +9,10 @@ recursively add the chunk's children). In "a dog in a field of flowers" the chun
   `Token.conjuncts`, which lists the other members of the coordination for *every* member, so the later conjunct
   itself is not expanded either: in "a dog and a cat on a sofa" the parser hangs "on a sofa" under "cat", although
   it describes both as often as the cat alone. Such chunks are copied (`conjunct` in the builder's counts).
+* Lists: spaCy parses "a man, a woman and a dog" as "man" <-appos- "woman" <-conj- "dog", so "a man" has no
+  conjuncts and its subtree is the whole list (one expression for the man's box). An appositive that has conjuncts
+  of its own is a list continuing, not an appositive: its head is a list member and is not expanded either. A true
+  appositive ("the statue, a gift from France") has no conjuncts and stays in the expression.
 * Punctuation at the edges of the subtree is left out: when a caption is a bare noun phrase, the parser hangs the
   final period (and commas around a relative clause) under the noun, and an expression should not end in ".".
 * The containment filter (keep only expressions not inside another) is not applied here: every grounded chunk gets
@@ -17,11 +21,16 @@ recursively add the chunk's children). In "a dog in a field of flowers" the chun
 from __future__ import annotations
 
 
+def heads_a_list(root) -> bool:
+    """True when `root` is the first item of a comma list that the parser hung under it as an appositive."""
+    return any(child.dep_ == "appos" and child.conjuncts for child in root.children)
+
+
 def expression_span(chunk) -> tuple[tuple[int, int], str]:
     """((start_char, end_char), how) for a spaCy noun chunk (`Span`); how is `expanded`, `copied` or `conjunct`."""
     root, doc = chunk.root, chunk.doc
     own = (chunk.start_char, chunk.end_char)
-    if root.conjuncts:
+    if root.conjuncts or heads_a_list(root):
         return own, "conjunct"
     first, last = root.left_edge.i, root.right_edge.i
     while last > first and doc[last].is_punct:
