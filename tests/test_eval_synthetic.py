@@ -18,6 +18,17 @@ def test_words_are_the_generators():
     assert not set(ev.COLOUR_WORDS) & set(syn.BACKGROUNDS)
 
 
+def test_the_caption_prompt_opens_scene_captions_of_the_corpus():
+    """The metric captions with the paper's prompt; the corpus writes that opener, with its case, before a full scene
+    caption, so that the prompt asks for every object (without it the model continued like a one-object expression)."""
+    import random
+    prompt = ev.CAPTION_PROMPT.removeprefix("<grounding>")
+    scene = syn.Scene(64, 64, "white", [syn.Shape("red", "circle", (0, 0, 20, 20)), syn.Shape("blue", "square", (30, 30, 50, 50))])
+    captions = [syn.scene_caption(random.Random(seed), scene, 0.0)[0] for seed in range(40)]
+    opened = [c for c in captions if c.startswith(prompt + " ")]
+    assert opened and all(c == f"{prompt} a red circle and a blue square on a white background." for c in opened)
+
+
 def test_named_objects():
     assert ev.named_objects("An image of a red circle, a blue square and a yellow diamond on a black background.") == \
         [("red", "circle"), ("blue", "square"), ("yellow", "diamond")]

@@ -24,7 +24,7 @@ SMALL = dict(image_size=32, patch_size=8, vision_width=48, vision_layers=1, visi
 def test_patch_targets_by_hand():
     # a red square covering patches (row 0, col 0..1) fully, and a blue circle whose box is patch (row 2, col 3)
     scene = syn.Scene(32, 32, "white", [syn.Shape("red", "square", (0, 0, 16, 8)), syn.Shape("blue", "circle", (24, 16, 32, 24))])
-    colour, kind, box, bins = pis.patch_targets(scene, patch=8, bins=32)
+    colour, kind, box, bins, owner = pis.patch_targets(scene, patch=8, bins=32)
     red, blue = 1 + pis.COLOUR_NAMES.index("red"), 1 + pis.COLOUR_NAMES.index("blue")
     expected_colour = [0] * 16
     expected_colour[0] = expected_colour[1] = red
@@ -35,6 +35,10 @@ def test_patch_targets_by_hand():
     # UL cell (0, 0); LR cell floor(0.5*32)=16, floor(0.25*32)=8 -> 8*32+16
     assert bins[0].tolist() == [0, 8 * 32 + 16] and bins[5].tolist() == [0, 0] and box[5].tolist() == [0, 0, 0, 0]
     assert tuple(bins[11]) == box_to_patch_indices([0.75, 0.5, 1.0, 0.75], 32)
+    expected_owner = [0] * 16
+    expected_owner[0] = expected_owner[1] = 1  # scene.shapes[0] + 1
+    expected_owner[11] = 2
+    assert owner.tolist() == expected_owner
 
 
 def test_object_targets_pad_to_three():
@@ -82,3 +86,13 @@ def test_output_loads_with_visual_pretrained(tmp_path):
     other = Kosmos2Model(load_preset("tiny", **{**SMALL, "latent_query_num": 8}, vocab_size=40))
     with pytest.raises(ValueError, match="does not fit"):
         load_visual_pretrained(other, str(out))
+
+
+def test_object_names_pool_each_objects_own_patches():
+    """ObjectNames reads each object from the mean of the features of the patches it covers (hand-made features)."""
+    names = pis.ObjectNames(2)
+    names.colour, names.kind = torch.nn.Identity(), torch.nn.Identity()  # look at the pooled features themselves
+    features = torch.tensor([[[9.0, 9.0], [1.0, 2.0], [3.0, 6.0], [5.0, -1.0]]])
+    owner = torch.tensor([[0, 1, 1, 2]])  # background, object 1 twice, object 2; object 3 covers no patch
+    pooled, _ = names(features, owner)
+    assert torch.equal(pooled, torch.tensor([[[2.0, 4.0], [5.0, -1.0], [0.0, 0.0]]]))

@@ -204,7 +204,8 @@ def scene_caption(rng: random.Random, scene: Scene, low_score_prob: float, space
     comma, stop = (" , ", " .") if spaced_punctuation else (", ", ".")
     w, h = scene.width, scene.height
     parts, chunks = [], []
-    text = rng.choice(["", "a picture of ", "there is "])
+    # "An image of" is the paper's grounded caption prompt (the demo's Brief preset, the caption metric's prompt)
+    text = rng.choice(["", "a picture of ", "there is ", "An image of "])
     for i, shape in enumerate(scene.shapes):
         if i:
             text += " and " if i == len(scene.shapes) - 1 else comma
