@@ -149,5 +149,23 @@ def main(argv: list[str] | None = None) -> None:
             torch.distributed.destroy_process_group()
 
 
+def exit_rank_without_teardown() -> None:
+    """Leave a finished rank of a multi-process run without the interpreter's teardown.
+
+    Even with the process group destroyed, a finished gloo rank sometimes aborted while the interpreter tore down
+    (C++ threads destroyed while joinable: "terminate called without an active exception", SIGABRT), and torchrun
+    then reports the whole job as failed although training and its checkpoints are complete (seen twice in full
+    test-suite runs, in the two-rank tests). What the teardown still had to do for us is done here first: fairseq's
+    tensorboard writers closed (it registers that with atexit), log handlers and streams flushed."""
+    from fairseq.logging import progress_bar
+    progress_bar._close_writers()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a rank started by torchrun
+        exit_rank_without_teardown()
