@@ -197,6 +197,11 @@ def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
+# how a scene caption may open; "An image of" is the paper's grounded caption prompt (the demo's Brief preset and the
+# caption metric's prompt), with its case: without it the model answered that prompt with a one-object expression
+SCENE_OPENERS = ("", "a picture of ", "there is ", "An image of ")
+
+
 def scene_caption(rng: random.Random, scene: Scene, low_score_prob: float, spaced_punctuation: bool = False) -> tuple[str, list, list]:
     """A descriptive caption naming every shape ("a red circle and a blue square on a gray background.").
 
@@ -204,8 +209,7 @@ def scene_caption(rng: random.Random, scene: Scene, low_score_prob: float, space
     comma, stop = (" , ", " .") if spaced_punctuation else (", ", ".")
     w, h = scene.width, scene.height
     parts, chunks = [], []
-    # "An image of" is the paper's grounded caption prompt (the demo's Brief preset, the caption metric's prompt)
-    text = rng.choice(["", "a picture of ", "there is ", "An image of "])
+    text = rng.choice(SCENE_OPENERS)
     for i, shape in enumerate(scene.shapes):
         if i:
             text += " and " if i == len(scene.shapes) - 1 else comma
