@@ -26,6 +26,7 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
 from kosmos2.checkpoint import TIED_KEYS, UNUSED_OFFICIAL_KEYS, load_state
+from kosmos2.data.instruct import GROUNDED_TURNS
 from kosmos2.data.mixing import OFFICIAL_STREAMS, STREAMS, DataConfig, build_train_loader
 from kosmos2.tokenizer import Kosmos2Tokenizer
 
@@ -51,6 +52,9 @@ class ImageGptInterleavedLaionObjConfig(FairseqDataclass):
     instruction_batch_size: int = field(default=1, metadata={"help": "instruction micro-batch size"})
     grounded_rec_prob: float = field(default=0.5, metadata={
         "help": "instruction stream, GRIT sources: probability of a REC instruction (else one of the REG templates)"})
+    grounded_turns: str = field(default="one", metadata={
+        "help": "instruction stream, GRIT sources: 'one' instruction per row (one grounded span), or 'all' (every "
+                "grounded span of the row, one turn each, in one sample)"})
     data_weights: str = field(default="0,8,0", metadata={
         "help": "stream weights: interleaved,GRIT,text[,instruction] (three weights: no instruction stream)"})
     batch_read_ahead: int = field(default=100, metadata={"help": "blockwise shuffle window (samples); 0 = no shuffle"})
@@ -96,6 +100,8 @@ class ImageGptInterleavedLaionObjTask(FairseqTask):
         parse_data_weights(cfg.data_weights)  # fail at start-up, not at the first batch
         if not 0.0 <= cfg.grounded_rec_prob <= 1.0:
             raise ValueError(f"--grounded-rec-prob {cfg.grounded_rec_prob}: a probability within [0, 1]")
+        if cfg.grounded_turns not in GROUNDED_TURNS:
+            raise ValueError(f"--grounded-turns {cfg.grounded_turns!r}: one of {', '.join(GROUNDED_TURNS)}")
         tokenizer = Kosmos2Tokenizer.from_files(cfg.spm_model, cfg.dict_path, location_bin_size=cfg.quantized_size)
         logger.info("dictionary: %d types (%s)", len(tokenizer.dictionary), cfg.dict_path)
         return cls(cfg, tokenizer)
@@ -141,7 +147,7 @@ class ImageGptInterleavedLaionObjTask(FairseqTask):
             train_json_split_name=c.train_json_split_name, data_weights=parse_data_weights(c.data_weights),
             laion_batch_size=c.laion_batch_size, max_sentences=batch_size or 1,
             interleaved_batch_size=c.interleaved_batch_size, instruction_batch_size=c.instruction_batch_size,
-            grounded_rec_prob=c.grounded_rec_prob, tokens_per_sample=c.tokens_per_sample,
+            grounded_rec_prob=c.grounded_rec_prob, grounded_turns=c.grounded_turns, tokens_per_sample=c.tokens_per_sample,
             phrase_mode=c.phrase_mode, box_score_threshold=c.box_score_threshold,
             mix_no_object_prob=c.mix_no_object_prob, use_object_bbox_prob=c.use_object_bbox_prob,
             locate_special_token=c.locate_special_token, latent_query_num=self.model_config.latent_query_num,

@@ -78,6 +78,9 @@ class Forced(random.Random):
         seq = list(seq)
         return self.template if self.template in seq else seq[self.span_index]
 
+    def shuffle(self, seq):
+        pass  # keep the order (random.Random's shuffle would loop forever on the constant random() below)
+
     def random(self):
         return 0.0 if self.template.task == "rec" else 1.0
 
@@ -87,9 +90,9 @@ def official_tok(official_assets):
     return Kosmos2Tokenizer.from_dir(official_assets)
 
 
-def grounded_maker(tok, mode="expression", rec_prob=0.5):
+def grounded_maker(tok, mode="expression", rec_prob=0.5, **kwargs):
     settings = GritSettings(grounding=GroundingSettings(mode=mode, image_size=16), num_image_slots=Q)
-    return GroundedInstructionMaker(tok, settings, rec_prob)
+    return GroundedInstructionMaker(tok, settings, rec_prob, **kwargs)
 
 
 def learned_symbols(tok, sample):
@@ -236,6 +239,50 @@ def test_grounded_draws_cover_table9_from_the_seeded_rng(official_tok):
     assert all(seen[t.name] / 600 == pytest.approx(0.75 / 6, abs=0.05) for t in TABLE9[1:])
     again = random.Random(7)
     assert [tuple(maker(again, grit_line(), Counter()).tokens) for _ in range(600)] == drawn  # same seed, same samples
+
+
+# phrase mode: the row's two grounded spans, each with its boxes after the crop (see the delimiter test above)
+SNOWMAN = (["▁a", "▁snowman"], OBJECT)
+DOG = (["▁a", "▁dog"], ["<object>", "<patch_index_0534>", "<patch_index_0924>", "</delimiter_of_multi_objects/>",
+                        "<patch_index_0115>", "<patch_index_0313>", "</object>"])
+
+
+def reg_it_is_turn(expression, object_symbols):
+    prompt = ["<grounding>", "<phrase>", "▁It", "</phrase>", *object_symbols, "▁is"]
+    return prompt, [*expression, ".", "</s>"]
+
+
+def test_golden_all_spans_of_a_row_as_turns(official_tok):
+    """turns="all": both spans of the row, one REG turn each (template and order forced: caption order), the loss
+    only on each answer and its </s>."""
+    tok = official_tok
+    maker = grounded_maker(tok, mode="phrase", turns="all")
+    sample = maker(Forced(TEMPLATES["reg_it_is"]), grit_line(), Counter())
+    tokens, learned = ["<s>", *IMG], [False] * (1 + len(IMG))
+    for expression, object_symbols in (SNOWMAN, DOG):
+        prompt, answer = reg_it_is_turn(expression, object_symbols)
+        tokens += prompt + answer
+        learned += [False] * len(prompt) + [True] * len(answer)
+    assert tok.convert_ids_to_tokens(sample.tokens) == tokens
+    assert sample.loss_mask == learned[1:] + [False]  # position j learns token j + 1
+    assert sample.image_mask == [False] + IMG_MASK + [False] * (len(tokens) - 1 - len(IMG))
+    # with a real RNG the order is drawn: both orders come up over seeds, each turn once
+    firsts = Counter()
+    for seed in range(40):
+        symbols = tok.convert_ids_to_tokens(maker(random.Random(seed), grit_line(), Counter()).tokens)
+        assert symbols.count("</s>") == 2 and symbols.count("▁snowman") == 1 and symbols.count("▁dog") == 1
+        firsts["snowman" if symbols.index("▁snowman") < symbols.index("▁dog") else "dog"] += 1
+    assert set(firsts) == {"snowman", "dog"}
+
+
+def test_all_spans_turns_stop_at_the_token_budget(official_tok):
+    """The first turn always stays; a second turn that would pass tokens_per_sample is left out."""
+    first = 1 + len(IMG) + sum(map(len, reg_it_is_turn(*SNOWMAN)))  # the first turn in caption order
+    maker = grounded_maker(official_tok, mode="phrase", turns="all", tokens_per_sample=first)
+    sample = maker(Forced(TEMPLATES["reg_it_is"]), grit_line(), Counter())
+    assert official_tok.convert_ids_to_tokens(sample.tokens).count("</s>") == 1
+    with pytest.raises(ValueError, match="turns must be one of"):
+        grounded_maker(official_tok, turns="every")
 
 
 def test_grounded_row_without_usable_span_is_skipped(tok):

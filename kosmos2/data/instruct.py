@@ -11,8 +11,9 @@ Two kinds of source feed the stream (the entries of `INSTRUCTION_DIR/json/train.
   conversation without any placeholder go to the start of the first turn.
 * grit (`.tsv` GRIT shards): every row becomes one grounded instruction of the paper's Table 9, drawn on the fly
   from the stream's seeded, checkpointed RNG: one grounded span of the row (uniformly), then REC with probability
-  `rec_prob`, else one of the six REG templates (uniformly). Spans are those the GRIT stream would ground
-  (same phrase mode, score threshold and centre-crop correction).
+  `rec_prob`, else one of the six REG templates (uniformly); or, with `turns="all"`, every grounded span of the row
+  as one turn of the same sample. Spans are those the GRIT stream would ground (same phrase mode, score threshold
+  and centre-crop correction).
 
 Sequence layout (`kosmos2.templates`): `<s>` + per turn `[image blocks] P(Question: {user} Answer:) A( {answer}) </s>`
 for chat, `<s> <image block> P(template prompt) A(template answer) </s>` for grounded instructions, where P and A are
@@ -180,18 +181,31 @@ def draw_template(rng: random.Random, rec_prob: float) -> GroundedTemplate:
     return REC_TEMPLATE if rng.random() < rec_prob else rng.choice(REG_TEMPLATES)
 
 
+GROUNDED_TURNS = ("one", "all")
+
+
 class GroundedInstructionMaker:
-    """`make_sample(rng, line, dropped)` for GRIT sources: one TSV row -> one Table 9 instruction (raises BadSample).
+    """`make_sample(rng, line, dropped)` for GRIT sources: one TSV row -> Table 9 instructions (raises BadSample).
 
-    Random draws, in this order: the span (uniform over the row's grounded spans in caption order), REC or REG
-    (`rec_prob`), the REG template (uniform)."""
+    `turns="one"`: one instruction per row. Random draws, in this order: the span (uniform over the row's grounded
+    spans in caption order), REC or REG (`rec_prob`), the REG template (uniform).
+    `turns="all"`: every grounded span of the row, one instruction each, as the turns of one sample about the image
+    (`<s> <image block> P1 A1 </s> P2 A2 </s> ...`). Random draws: the order of the spans (a shuffle of caption
+    order), then per turn REC or REG and the template. An image with several objects then asks about several boxes
+    in one sample, so a model that answers every box with the image's most salient object is wrong on the others.
+    Turns that would pass `tokens_per_sample` are left out (the first always stays)."""
 
-    def __init__(self, tokenizer, settings: GritSettings, rec_prob: float = 0.5):
+    def __init__(self, tokenizer, settings: GritSettings, rec_prob: float = 0.5, turns: str = "one",
+                 tokens_per_sample: int = 2048):
         if not 0.0 <= rec_prob <= 1.0:
             raise ValueError(f"rec_prob must be within [0, 1], got {rec_prob}")
+        if turns not in GROUNDED_TURNS:
+            raise ValueError(f"turns must be one of {GROUNDED_TURNS}, got {turns!r}")
         self.tokenizer = tokenizer
         self.settings = settings
         self.rec_prob = rec_prob
+        self.turns = turns
+        self.tokens_per_sample = tokens_per_sample
         self.transform = train_transform_numpy(settings.image_size, settings.training_image_only_resize)
 
     def __call__(self, rng: random.Random, line: str, dropped: Counter) -> Sample:
@@ -202,8 +216,26 @@ class GroundedInstructionMaker:
         spans = grounded_spans(row.caption, row.annotations, image.size, self.settings.grounding, dropped)
         if not spans:
             raise BadSample("no_grounded_span")
-        (start, end), boxes = rng.choice(sorted(spans.items()))
-        template = draw_template(rng, self.rec_prob)
-        segments = grounded_instruction_segments(template, row.caption[start:end], boxes, self.tokenizer)
+        if self.turns == "one":
+            (start, end), boxes = rng.choice(sorted(spans.items()))
+            template = draw_template(rng, self.rec_prob)
+            segments = grounded_instruction_segments(template, row.caption[start:end], boxes, self.tokenizer)
+        else:
+            segments = self.all_spans_segments(rng, row.caption, spans)
         pixels = np.asarray(self.transform(image), dtype=np.float32)
         return assemble(segments, self.tokenizer, self.settings.num_image_slots, [pixels])
+
+    def all_spans_segments(self, rng: random.Random, caption: str, spans: dict) -> list[Segment]:
+        order = sorted(spans.items())
+        rng.shuffle(order)
+        segments: list[Segment] = [("image", None, False)]
+        length = 1 + self.settings.num_image_slots + 2  # <s> + image block
+        for (start, end), boxes in order:
+            template = draw_template(rng, self.rec_prob)
+            turn = grounded_instruction_segments(template, caption[start:end], boxes, self.tokenizer)[1:]
+            turn_length = sum(len(ids) for _, ids, _ in turn)
+            if len(segments) > 1 and length + turn_length > self.tokens_per_sample:
+                break
+            segments += turn
+            length += turn_length
+        return segments

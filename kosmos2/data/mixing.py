@@ -58,6 +58,7 @@ class DataConfig:
     interleaved_batch_size: int = 1
     instruction_batch_size: int = 1
     grounded_rec_prob: float = 0.5                # instruction stream, GRIT sources: REC instead of REG
+    grounded_turns: str = "one"                   # instruction stream, GRIT sources: one span per row, or all
     tokens_per_sample: int = 2048
     phrase_mode: str = "expression"
     box_score_threshold: float = 0.65
@@ -160,7 +161,8 @@ INSTRUCTION_FORMATS = ("chat", "grit")
 
 def _instruction_maker(data_format: str, cfg: DataConfig, tokenizer):
     if data_format == "grit":
-        return GroundedInstructionMaker(tokenizer, cfg.grit_settings(), cfg.grounded_rec_prob)
+        return GroundedInstructionMaker(tokenizer, cfg.grit_settings(), cfg.grounded_rec_prob, cfg.grounded_turns,
+                                        cfg.tokens_per_sample)
     return ChatSampleMaker(tokenizer, cfg.instruction_data_dir, cfg.input_resolution, cfg.latent_query_num,
                            cfg.tokens_per_sample, cfg.training_image_only_resize)
 
