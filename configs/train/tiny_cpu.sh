@@ -8,7 +8,7 @@
 # DATA_DIR is what `python data/make_synthetic.py --out DATA_DIR` writes (default data/synthetic), SAVE_DIR where the
 # checkpoints go (default output/tiny), IMAGE_SIDE the pretrained tiny ViT + connector that
 # `python scripts/pretrain_image_side.py --out IMAGE_SIDE` writes (default SAVE_DIR/image_side.pt; train.sh makes it).
-# MAX_UPDATE (default 1000, what fits the 10-minute budget on 2 cores with the pretraining) sets the length; the
+# MAX_UPDATE (default 900, what fits the 10-minute budget on 2 cores with the pretraining) sets the length; the
 # schedule follows it. SEED (default 0) seeds the model's initialisation and the data order (train.sh also gives it to
 # the corpus and the image-side pretraining). ATTENTION is the attention implementation of this training (and of the image-side pretraining
 # train.sh runs first), recorded in the checkpoints: cpu, our fp32 CPU kernel (what the documented results used), or
@@ -26,7 +26,7 @@ set -euo pipefail
 DATA_DIR="${1:-data/synthetic}"
 SAVE_DIR="${2:-output/tiny}"
 IMAGE_SIDE="${3:-$SAVE_DIR/image_side.pt}"
-MAX_UPDATE="${MAX_UPDATE:-1000}"
+MAX_UPDATE="${MAX_UPDATE:-900}"
 SEED="${SEED:-0}"
 if [[ "${KOSMOS2_CPU_KERNELS:-1}" == 0 ]]; then ATTENTION="${ATTENTION:-sdpa}"; else ATTENTION="${ATTENTION:-cpu}"; fi
 WARMUP=$(( MAX_UPDATE / 20 ))
