@@ -165,6 +165,12 @@ class PatchProbe(nn.Module):
         return (self.colour(x), self.kind(x), *self.readout(x))
 
 
+def object_members(patch_owner: torch.Tensor) -> torch.Tensor:
+    """[B, MAX_OBJECTS, patches] bool: which patches each object of the scene covers (from `patch_targets`' owner)."""
+    objects = torch.arange(1, MAX_OBJECTS + 1, device=patch_owner.device)
+    return patch_owner[:, None, :] == objects[None, :, None]
+
+
 class ObjectNames(nn.Module):
     """The captioning step in miniature: the mean of an object's features (one per patch) -> its colour and shape
     class. Interior patches of a circle and a square look alike; only the whole object (what attending to its slots
@@ -175,8 +181,7 @@ class ObjectNames(nn.Module):
         self.colour, self.kind = nn.Linear(width, 1 + len(COLOUR_NAMES)), nn.Linear(width, 1 + len(KIND_NAMES))
 
     def forward(self, features: torch.Tensor, patch_owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        objects = torch.arange(1, MAX_OBJECTS + 1, device=features.device)
-        members = (patch_owner[:, None, :] == objects[None, :, None]).to(features.dtype)  # [B, objects, patches]
+        members = object_members(patch_owner).to(features.dtype)
         pooled = members @ features / members.sum(-1, keepdim=True).clamp(min=1)
         return self.colour(pooled), self.kind(pooled)
 
@@ -290,7 +295,7 @@ def losses(model: ImageSide, batch: dict[str, torch.Tensor], metrics: bool = Fal
     result["object_box"] = ((box - batch["obj_box"]).abs().sum(-1) * valid).sum() / valid.sum()
     result["object_codes"] = (code_err * valid).sum() / valid.sum()
     # objects hidden under another one have no patch to be named from
-    present = (batch["patch_owner"][:, None, :] == torch.arange(1, MAX_OBJECTS + 1)[None, :, None]).any(-1).float()
+    present = object_members(batch["patch_owner"]).any(-1).float()
 
     def on_present(per_object):
         return (per_object * present).sum() / present.sum()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,24 @@ def prompt_segments(markup: str, tokenizer) -> list[Segment]:
 
 def answer_segments(markup: str, tokenizer) -> list[Segment]:
     return [("ids", tokenizer.encode_prompt(markup) + [tokenizer.eos], True)]
+
+
+def segments_length(segments: list[Segment], num_image_slots: int) -> int:
+    """Tokens the segments take in a sample: an image block is `<image>` + Q slots + `</image>`."""
+    return sum(num_image_slots + 2 if kind == "image" else len(ids) for kind, ids, _ in segments)
+
+
+def turns_that_fit(turns: Iterable[list[Segment]], length: int, tokens_per_sample: int,
+                   num_image_slots: int) -> list[Segment]:
+    """The leading turns that fit into `tokens_per_sample` after `length` tokens, concatenated. `turns` is consumed
+    lazily and only up to the first turn that does not fit, so turns drawn from an RNG draw only what is kept."""
+    kept: list[Segment] = []
+    for turn in turns:
+        length += segments_length(turn, num_image_slots)
+        if length > tokens_per_sample:
+            break
+        kept += turn
+    return kept
 
 
 # ----------------------------------------------------------------------------------------------------------- chat
@@ -143,18 +162,11 @@ class ChatSampleMaker:
 
     def sample(self, record, load_image) -> Sample:
         images, pairs = parse_conversation(record)
-        segments, length, used_images = [], 1, 0
-        block = self.num_image_slots + 2
-        for user, assistant in pairs:
-            turn = chat_turn_segments(user, assistant, self.tokenizer)
-            turn_length = sum(block if kind == "image" else len(ids) for kind, ids, _ in turn)
-            if length + turn_length > self.tokens_per_sample:
-                break
-            segments += turn
-            length += turn_length
-            used_images += sum(kind == "image" for kind, _, _ in turn)
+        turns = (chat_turn_segments(user, assistant, self.tokenizer) for user, assistant in pairs)
+        segments = turns_that_fit(turns, 1, self.tokens_per_sample, self.num_image_slots)  # 1: <s>
         if not segments:
             raise BadSample("too_long", f"the first turn does not fit into {self.tokens_per_sample} tokens")
+        used_images = sum(kind == "image" for kind, _, _ in segments)
         pixels = [load_image(ref) for ref in images[:used_images]]
         return assemble(segments, self.tokenizer, self.num_image_slots, pixels)
 
@@ -168,13 +180,17 @@ class ChatSampleMaker:
 
 # ----------------------------------------------------------------------------------------------------------- Table 9
 
-def grounded_instruction_segments(template: GroundedTemplate, expression: str, boxes, tokenizer) -> list[Segment]:
-    """`<image>` block, the template's prompt (given) and answer (learned) for one grounded span."""
+def grounded_turn_segments(template: GroundedTemplate, expression: str, boxes, tokenizer) -> list[Segment]:
+    """The template's prompt (given) and answer (learned) for one grounded span."""
     markup = object_markup(boxes, tokenizer.location_bin_size)
     expression = expression_answer_text(expression)
-    return ([("image", None, False)]
-            + prompt_segments(template.prompt_markup(expression, markup), tokenizer)
+    return (prompt_segments(template.prompt_markup(expression, markup), tokenizer)
             + answer_segments(template.answer_markup(expression, markup), tokenizer))
+
+
+def grounded_instruction_segments(template: GroundedTemplate, expression: str, boxes, tokenizer) -> list[Segment]:
+    """`<image>` block, then the template's prompt and answer for one grounded span."""
+    return [("image", None, False)] + grounded_turn_segments(template, expression, boxes, tokenizer)
 
 
 def draw_template(rng: random.Random, rec_prob: float) -> GroundedTemplate:
@@ -228,14 +244,8 @@ class GroundedInstructionMaker:
     def all_spans_segments(self, rng: random.Random, caption: str, spans: dict) -> list[Segment]:
         order = sorted(spans.items())
         rng.shuffle(order)
-        segments: list[Segment] = [("image", None, False)]
-        length = 1 + self.settings.num_image_slots + 2  # <s> + image block
-        for (start, end), boxes in order:
-            template = draw_template(rng, self.rec_prob)
-            turn = grounded_instruction_segments(template, caption[start:end], boxes, self.tokenizer)[1:]
-            turn_length = sum(len(ids) for _, ids, _ in turn)
-            if len(segments) > 1 and length + turn_length > self.tokens_per_sample:
-                break
-            segments += turn
-            length += turn_length
-        return segments
+        turns = (grounded_turn_segments(draw_template(rng, self.rec_prob), caption[start:end], boxes, self.tokenizer)
+                 for (start, end), boxes in order)
+        head = [("image", None, False)] + next(turns)  # the first turn stays whatever its length, as in turns="one"
+        length = 1 + segments_length(head, self.settings.num_image_slots)  # 1: <s>
+        return head + turns_that_fit(turns, length, self.tokens_per_sample, self.settings.num_image_slots)
