@@ -148,6 +148,31 @@ def test_eval_sets_load_in_the_evaluation_scripts(tmp_path):
         assert [list(map(float, box)) for box in a.boxes] == [list(map(float, box)) for box in b.boxes]
 
 
+def test_flickr_phrases_box_the_shape_they_name(tmp_path):
+    """Each phrase of the synthetic Flickr sets ("a red circle") is annotated with that shape's box: the pixel at the
+    box centre has the phrase's colour (checked where no other box covers it)."""
+    from kosmos2.data.synthetic import COLOURS
+    small_corpus(tmp_path)
+    for split in ("val", "test"):
+        flickr = json.loads((tmp_path / "eval" / "flickr" / f"final_flickr_separateGT_{split}.json").read_text())
+        checked = 0
+        for image in flickr["images"]:
+            pixels = Image.open(tmp_path / "eval" / "flickr" / "images" / image["file_name"]).convert("RGB")
+            boxes = [a for a in flickr["annotations"] if a["image_id"] == image["id"]]
+            for a in boxes:
+                (start, end), = a["tokens_positive"]
+                colour = image["caption"][start:end].split()[1]
+                x, y, w, h = a["bbox"]
+                cx, cy = x + w / 2, y + h / 2
+                if any(o is not a and o["bbox"][0] <= cx <= o["bbox"][0] + o["bbox"][2]
+                       and o["bbox"][1] <= cy <= o["bbox"][1] + o["bbox"][3] for o in boxes):
+                    continue
+                got = pixels.getpixel((int(cx), int(cy)))
+                assert max(abs(g - c) for g, c in zip(got, COLOURS[colour])) < 40, (image["caption"], a)
+                checked += 1
+        assert checked >= 3
+
+
 def test_task_sets_cook_with_one_true_answer_and_no_unknown_characters(tmp_path):
     """The captioning / REG / VQAv2 / SEED-Bench sets: what each cook makes of them, their invariants, and a tokenizer
     that encodes every prompt, reference and choice without <unk> (the end-to-end runs are in test_eval_synthetic_e2e)."""
