@@ -1,6 +1,6 @@
 """Where does the decoder look when it describes a box? Attention and linear probes on REG prompts.
 
-    python scripts/probe_reg_attention.py --checkpoint output/tiny/checkpoint_last.pt --data-dir data/synthetic/eval \
+    python -m evaluation.reg_probe --checkpoint output/tiny/checkpoint_last.pt --data-dir data/synthetic/eval \
         [--continuation " the"] [--out probe.json]
 
 For every object of the held-out Flickr-style scenes of `data/make_synthetic.py` that hold at least two objects, the
@@ -27,20 +27,16 @@ import argparse
 import json
 import math
 import random
-import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from evaluation.common import read_json  # noqa: E402
-from evaluation.synthetic import caption_scenes  # noqa: E402
-from kosmos2 import grounding  # noqa: E402
-from kosmos2.api import Kosmos2  # noqa: E402
-from kosmos2.templates import get_template  # noqa: E402
+from evaluation.common import read_json
+from evaluation.synthetic import caption_scenes
+from kosmos2 import grounding
+from kosmos2.api import Kosmos2
+from kosmos2.templates import get_template
 
 POSITIONS = ("UL", "LR", "</object>", "last")
 SLOT_GROUPS = ("boxed", "other", "background")

@@ -1,4 +1,4 @@
-"""scripts/probe_reg_attention.py: the recorded attention is the model's, the probe reads planted labels and not noise,
+"""evaluation/reg_probe.py: the recorded attention is the model's, the probe reads planted labels and not noise,
 slots map to the objects by hand, and the whole probe runs on a synthetic corpus with a random tiny checkpoint."""
 import random
 import sys
@@ -7,10 +7,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "data"))
-import probe_reg_attention as probe  # noqa: E402
 
+from evaluation import reg_probe as probe  # noqa: E402
 from helpers import image_prompt, random_model, small_config  # noqa: E402
 
 
