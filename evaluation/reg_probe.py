@@ -32,10 +32,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from evaluation.common import read_json
-from evaluation.synthetic import caption_scenes
+from evaluation.common import EvaluationInputError
+from evaluation.synthetic import eval_sets, flickr_scenes
 from kosmos2 import grounding
 from kosmos2.api import Kosmos2
+from kosmos2.model.attention import lower_right_causal_mask
 from kosmos2.templates import get_template
 
 POSITIONS = ("UL", "LR", "</object>", "last")
@@ -72,8 +73,7 @@ class Recorder:
             t, d = q.shape
             q, k = q.view(t, self.heads, -1).transpose(0, 1), k.view(t, self.heads, -1).transpose(0, 1)
             scores = q @ k.transpose(1, 2) / math.sqrt(d // self.heads)
-            causal = torch.ones(t, t, dtype=torch.bool).tril()
-            probs.append(scores.masked_fill(~causal, float("-inf")).softmax(-1))
+            probs.append(scores.masked_fill(~lower_right_causal_mask(t, t, q.device), float("-inf")).softmax(-1))
         return probs
 
 
@@ -105,14 +105,16 @@ def probe_accuracy(features: torch.Tensor, labels: list, folds: int = 5, l2: flo
 
 
 def load_scenes(data_dir: Path) -> dict[str, dict]:
-    scenes = {}
-    for split in ("val", "test"):
-        path = data_dir / "flickr" / f"final_flickr_separateGT_{split}.json"
-        if path.exists():
-            scenes.update(caption_scenes(read_json(path, "Flickr-style set"), data_dir / "flickr" / "images"))
+    """The scenes of the val and test Flickr-style sets under `data_dir` (in that order: the probe's folds follow it),
+    as `evaluation.synthetic` captions them."""
+    try:
+        specs = {spec["name"]: spec for spec in eval_sets(data_dir)}
+    except EvaluationInputError as e:
+        raise SystemExit(f"error: {e}") from None
+    scenes = flickr_scenes([specs[name] for name in ("flickr_val", "flickr_test") if name in specs])
     if not scenes:
-        raise SystemExit(f"error: no flickr/final_flickr_separateGT_{{val,test}}.json under {data_dir}: give the eval "
-                         "folder of a corpus that data/make_synthetic.py wrote (e.g. data/synthetic/eval)")
+        raise SystemExit(f"error: no flickr/final_flickr_separateGT_*.json under {data_dir}: give the eval folder of a "
+                         "corpus that data/make_synthetic.py wrote (e.g. data/synthetic/eval)")
     return scenes
 
 
@@ -126,8 +128,7 @@ def probe(model_api: Kosmos2, scenes: dict[str, dict], continuation: str = " the
                          f"is {cfg.latent_query_num}, the ViT has {grid * grid} patches")
     recorder = Recorder(model.decoder)
     reg = get_template("reg_it_is")
-    first_location, locations = tok.patch_index_id(0), tok.location_bin_size ** 2
-    attention: dict[tuple, list[float]] = {}
+    attention: dict[tuple, dict[str, tuple[float, int]]] = {}  # (layer, head, position) -> {what: (sum, count)}
     states: dict[tuple, list[torch.Tensor]] = {}
     colours, shapes = [], []
     chosen = [s for s in scenes.values() if len(s["objects"]) >= min_objects]
@@ -141,8 +142,8 @@ def probe(model_api: Kosmos2, scenes: dict[str, dict], continuation: str = " the
             with torch.no_grad():
                 model(torch.tensor([ids]), image_features=features, img_gpt_input_mask=torch.tensor([mask]))
             slots = [i for i, m in enumerate(mask) if m]
-            ul = next(i for i, x in enumerate(ids) if first_location <= x < first_location + locations)
-            where = {"UL": ul, "LR": ul + 1, "</object>": ul + 2, "last": len(ids) - 1}
+            ul = next(i for i, x in enumerate(ids) if tok.is_patch_index_id(x))
+            where = dict(zip(POSITIONS, (ul, ul + 1, ul + 2, len(ids) - 1)))
             groups = {"boxed": [s for s, o in zip(slots, owners) if o == target],
                       "other": [s for s, o in zip(slots, owners) if o not in (target, -1)],
                       "background": [s for s, o in zip(slots, owners) if o == -1]}

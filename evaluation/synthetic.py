@@ -163,14 +163,20 @@ def caption_scores(scenes: dict[str, dict], predictions: dict[str, str]) -> dict
             "caption_object_acc": right_scenes / len(scenes), "caption_grounded_recall": found / objects}
 
 
+def flickr_scenes(specs: list[dict]) -> dict[str, dict]:
+    """`caption_scenes` of every Flickr-style set among `specs` (from `eval_sets`), merged."""
+    scenes = {}
+    for spec in specs:
+        if spec["task"] == "flickr":
+            scenes.update(caption_scenes(read_json(spec["annotation"], "annotation file"), spec["image_root"]))
+    return scenes
+
+
 def evaluate_captions(model, specs: list[dict], out_dir: Path, args, checkpoint_id: str) -> dict | None:
     """Caption every scene of the Flickr-style sets with CAPTION_PROMPT and score the captions; None (with a warning)
     when there are no such scenes or their phrases are not the synthetic world's (the grounding sets still count)."""
-    scenes = {}
     try:
-        for spec in specs:
-            if spec["task"] == "flickr":
-                scenes.update(caption_scenes(read_json(spec["annotation"], "annotation file"), spec["image_root"]))
+        scenes = flickr_scenes(specs)
     except EvaluationInputError as e:
         warn(f"no caption metrics: {e}")
         return None
