@@ -203,3 +203,23 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
     with pytest.raises(RuntimeError, match="unavailable: compiling"):
         extension.kernels()
 
+
+
+def test_kernels_build_with_the_environments_own_ninja(monkeypatch, tmp_path):
+    """Whatever PATH says, the build runs this Python's ninja (pip's, next to it) first: `.venv/bin/python` without an
+    activated environment would otherwise use the system's ninja, whose build log another ninja version cannot read,
+    and each rebuilt the extension from scratch."""
+    bindir = tmp_path / "venv" / "bin"
+    bindir.mkdir(parents=True)
+    (bindir / "ninja").write_text("")
+    monkeypatch.setattr(sys, "executable", str(bindir / "python"))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    from torch.utils import cpp_extension
+
+    seen = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: seen.append(os.environ["PATH"]) or "module")
+    assert extension._compile() == "module"
+    assert seen == [f"{bindir}{os.pathsep}/usr/bin:/bin"] and os.environ["PATH"] == "/usr/bin:/bin"
+    (bindir / "ninja").unlink()  # no ninja of its own: PATH is left as it is
+    extension._compile()
+    assert seen[-1] == "/usr/bin:/bin"

@@ -8,6 +8,7 @@ imported: then nothing is compiled and every caller takes its PyTorch path.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -81,11 +82,34 @@ def _compile():
             print(f"[kosmos2] compiling the CPU kernels ({', '.join(p.name for p in SOURCES)}) once, about a minute; "
                   f"cached in {cpp_extension._get_build_directory(NAME, False)}", file=sys.stderr, flush=True)
         headers = hashlib.sha1(b"".join(p.read_bytes() for p in HEADERS)).hexdigest()[:12]
-        return cpp_extension.load(name=NAME, sources=[str(p) for p in SOURCES],
-                                  extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", f"-DKOSMOS2_HEADERS={headers}"],
-                                  extra_ldflags=["-fopenmp"], verbose=False)
+        with environment_ninja_first():
+            return cpp_extension.load(name=NAME, sources=[str(p) for p in SOURCES],
+                                      extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", f"-DKOSMOS2_HEADERS={headers}"],
+                                      extra_ldflags=["-fopenmp"], verbose=False)
     finally:
         quiet.setLevel(level)
+
+
+@contextlib.contextmanager
+def environment_ninja_first():
+    """Put this Python's own bin folder (where pip installs `ninja`) first on PATH while building.
+
+    cpp_extension runs the first `ninja` on PATH. `.venv/bin/python` run without the environment activated (train.sh,
+    run_gradio.sh) finds the system's ninja, an activated shell finds pip's; two ninja versions keep incompatible
+    build logs, so each rebuilt the other's extension from scratch (about a minute, inside a timed run)."""
+    bindir = Path(sys.executable).parent
+    if not (bindir / "ninja").exists():
+        yield
+        return
+    before = os.environ.get("PATH")
+    os.environ["PATH"] = os.pathsep.join([str(bindir), *filter(None, [before])])
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = before
 
 
 def _already_built(cpp_extension) -> bool:
