@@ -75,6 +75,9 @@ class UniGPTConfig(FairseqDataclass):
                 "see kosmos2/model/location_embeddings.py"})
     no_freeze_all: bool = field(default=False, metadata={
         "help": "train the ViT too (official: a no-op, docs/official_behaviour.md#frozen-vit)"})
+    image_token_cache: int = field(default=0, metadata={
+        "help": "keep the frozen ViT's output for up to N images and skip the ViT when one comes back (small corpora "
+                "seen many times, e.g. the embedded default; kosmos2/model/image_token_cache.py); 0: off"})
 
 
 PRESET_FIELDS = [f.name for f in dataclasses.fields(Kosmos2Config) if f.name not in ("extra", "arch")]
@@ -121,6 +124,9 @@ class UniGPTModel(Kosmos2Model, BaseFairseqModel):
                                  kcfg.location_embedding_init)
         if getattr(cfg, "visual_pretrained", None):
             load_visual_pretrained(model, cfg.visual_pretrained)
+        if getattr(cfg, "image_token_cache", 0):
+            model.cache_image_tokens(cfg.image_token_cache)
+            logger.info("image token cache: the frozen ViT's output of up to %d images is kept", cfg.image_token_cache)
         return model
 
     def forward(self, src_tokens, img_src_tokens=None, img_gpt_input_mask=None, logits_mask=None, **kwargs):

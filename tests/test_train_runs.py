@@ -141,6 +141,24 @@ def test_two_gloo_processes_equal_one_process_with_update_freq_2(corpus, tmp_pat
     assert state["world_size"] == 2 and len(state["loader_states"]) == 2
 
 
+def test_image_token_cache_trains_like_the_frozen_vit(corpus, tmp_path):
+    """`--image-token-cache N`: with two images seen again and again, the run takes the same steps as without the
+    cache (the connector and decoder train on; the ViT is skipped for images it has seen) and refuses --no-freeze-all."""
+    grit = two_row_grit_dir(corpus, tmp_path / "grit2")
+    fixed_data = ["--laion-data-dir", str(grit), "--data-weights", "0,1,0", "--laion-batch-size", "2",
+                  "--batch-read-ahead", "0", "--use-object-bbox-prob", "1.0", "--max-update", "4"]
+    frozen = [a for a in train_args(corpus, tmp_path / "plain", *fixed_data) if a != "--no-freeze-all"]
+    run_training(frozen)
+    log = run_training([*frozen, "--save-dir", str(tmp_path / "cached"), "--image-token-cache", "8"])
+    assert "image token cache: the frozen ViT's output of up to 8 images is kept" in log
+    plain, cached = model_state(tmp_path / "plain/checkpoint_last.pt"), model_state(tmp_path / "cached/checkpoint_last.pt")
+    for key in plain:
+        assert torch.allclose(plain[key], cached[key], atol=1e-5, rtol=1e-4), f"{key} differs by {(plain[key] - cached[key]).abs().max()}"
+    trainable = subprocess.run([PY, "-m", "fairseq_plugins.train", *train_args(corpus, tmp_path / "t", *fixed_data),
+                                "--image-token-cache", "8"], cwd=REPO, env=RUN_ENV, capture_output=True, text=True)
+    assert trainable.returncode != 0 and "the image token cache needs a frozen ViT" in trainable.stdout + trainable.stderr
+
+
 @pytest.mark.slow
 def test_training_checkpoint_loads_in_kosmos2_and_converts_to_hf(corpus, tmp_path):
     run_training(train_args(corpus, tmp_path / "run", "--max-update", "2", "--data-weights", "0,1,0"))

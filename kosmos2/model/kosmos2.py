@@ -15,6 +15,7 @@ from ..config import Kosmos2Config
 from . import attention as attention_registry
 from .connector import XConnector
 from .decoder import Decoder
+from .image_token_cache import ImageTokenCache
 from .kv_cache import KVCache
 from .vision import ImageModel
 
@@ -34,6 +35,7 @@ class Kosmos2Model(nn.Module):
         self.gpt_model = GPTModel(cfg)
         self.img_model = ImageModel(cfg)
         self.img_connector = XConnector(cfg)
+        self.image_token_cache: ImageTokenCache | None = None  # off unless cache_image_tokens() turns it on
         if init_from_scratch:
             self.gpt_model.decoder.reset_parameters()
         self.set_image_encoder_trainable(not cfg.freeze_image_encoder)
@@ -52,9 +54,20 @@ class Kosmos2Model(nn.Module):
 
     def set_image_encoder_trainable(self, trainable: bool) -> None:
         """The official model froze the ViT unconditionally (its `--no-freeze-all` was a no-op); here it is a switch."""
+        if trainable and getattr(self, "image_token_cache", None) is not None:
+            raise ValueError("the image token cache holds a frozen ViT's outputs: turn it off "
+                             "(cache_image_tokens(0)) before training the ViT")
         self.image_encoder_trainable = trainable
         for p in self.img_model.parameters():
             p.requires_grad_(trainable)
+
+    def cache_image_tokens(self, max_images: int) -> None:
+        """Keep the frozen ViT's tokens of up to `max_images` images and skip the ViT for images seen again
+        (kosmos2/model/image_token_cache.py); 0 turns the cache off."""
+        if max_images and self.image_encoder_trainable:
+            raise ValueError("the image token cache needs a frozen ViT (its tokens must depend on the image only); "
+                             "this model trains its ViT (--no-freeze-all)")
+        self.image_token_cache = ImageTokenCache(max_images) if max_images else None
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
@@ -64,10 +77,16 @@ class Kosmos2Model(nn.Module):
         """[N,3,S,S] (or [B,n,3,S,S]) pixels -> [N, latent_query_num, d] features for the image slots."""
         if pixels.dim() == 5:
             pixels = pixels.flatten(0, 1)
+        if self.image_token_cache is not None:
+            tokens = self.image_token_cache.encode(self.img_model, pixels, run=self._run_vit)
+        else:
+            tokens = self._run_vit(pixels)
+        return self.img_connector(tokens.to(self.img_connector.latent_query.dtype))
+
+    def _run_vit(self, pixels: torch.Tensor) -> torch.Tensor:
         grad = contextlib.nullcontext() if self.image_encoder_trainable else torch.no_grad()
         with grad:  # a frozen ViT needs no activation memory
-            tokens = self.img_model(pixels)
-        return self.img_connector(tokens.to(self.img_connector.latent_query.dtype))
+            return self.img_model(pixels)
 
     def forward(self, src_tokens: torch.Tensor, img_src_tokens: torch.Tensor | None = None,
                 img_gpt_input_mask: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
