@@ -53,10 +53,9 @@ from evaluation.reg.cook_data import referred_objects
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "synthetic" / "eval"
 CAPTION_PROMPT = "<grounding>An image of"  # the demo's Brief preset, the paper's grounded caption prompt
 CAPTION_MAX_NEW_TOKENS = 64  # three grounded shapes and the background take about 45 tokens
-# beam search with 5 beams, the paper's decoding for its captioning benchmarks (grounding prompts stay greedy, as in the
-# official evaluation), and the no-repeat-3-gram blocker leaves grounding markup alone: the official one forbids
-# grounding "a yellow circle" after "a red circle" (`circle </phrase> <object>` would repeat)
-CAPTION_DECODING = {"num_beams": 5, "block_markup_ngrams": False}
+# greedy like the official evaluation, but the no-repeat-3-gram blocker leaves grounding markup alone: the official one
+# forbids grounding "a yellow circle" after "a red circle" (`circle </phrase> <object>` would repeat)
+CAPTION_DECODING = {"block_markup_ngrams": False}
 # the words of the synthetic world (kosmos2/data/synthetic.py: COLOURS, SHAPES), written out so that scoring needs no
 # torch; tests/test_eval_synthetic.py checks them against the generator
 COLOUR_WORDS = ("blue", "green", "orange", "purple", "red", "yellow")
