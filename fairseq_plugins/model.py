@@ -77,7 +77,8 @@ class UniGPTConfig(FairseqDataclass):
         "help": "train the ViT too (official: a no-op, docs/official_behaviour.md#frozen-vit)"})
     image_token_cache: int = field(default=0, metadata={
         "help": "keep the frozen ViT's output for up to N images and skip the ViT when one comes back (small corpora "
-                "seen many times, e.g. the embedded default; kosmos2/model/image_token_cache.py); 0: off"})
+                "seen many times, e.g. the embedded default; kosmos2/model/image_token_cache.py); 0: off. Off with "
+                "--no-freeze-all (a ViT that trains)"})
 
 
 PRESET_FIELDS = [f.name for f in dataclasses.fields(Kosmos2Config) if f.name not in ("extra", "arch")]
@@ -124,7 +125,10 @@ class UniGPTModel(Kosmos2Model, BaseFairseqModel):
                                  kcfg.location_embedding_init)
         if getattr(cfg, "visual_pretrained", None):
             load_visual_pretrained(model, cfg.visual_pretrained)
-        if getattr(cfg, "image_token_cache", 0):
+        if getattr(cfg, "image_token_cache", 0) and model.image_encoder_trainable:
+            # a recipe's speed setting (the tiny recipe sets it) that cannot apply to a ViT that trains
+            logger.warning("image token cache off: --no-freeze-all trains the ViT, whose output then changes every step")
+        elif getattr(cfg, "image_token_cache", 0):
             model.cache_image_tokens(cfg.image_token_cache)
             logger.info("image token cache: the frozen ViT's output of up to %d images is kept", cfg.image_token_cache)
         return model
