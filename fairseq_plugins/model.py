@@ -125,12 +125,13 @@ class UniGPTModel(Kosmos2Model, BaseFairseqModel):
                                  kcfg.location_embedding_init)
         if getattr(cfg, "visual_pretrained", None):
             load_visual_pretrained(model, cfg.visual_pretrained)
-        if getattr(cfg, "image_token_cache", 0) and model.image_encoder_trainable:
+        cached_images = getattr(cfg, "image_token_cache", 0)
+        if cached_images and model.image_encoder_trainable:
             # a recipe's speed setting (the tiny recipe sets it) that cannot apply to a ViT that trains
             logger.warning("image token cache off: --no-freeze-all trains the ViT, whose output then changes every step")
-        elif getattr(cfg, "image_token_cache", 0):
-            model.cache_image_tokens(cfg.image_token_cache)
-            logger.info("image token cache: the frozen ViT's output of up to %d images is kept", cfg.image_token_cache)
+        elif cached_images:
+            model.cache_image_tokens(cached_images)
+            logger.info("image token cache: the frozen ViT's output of up to %d images is kept", cached_images)
         return model
 
     def forward(self, src_tokens, img_src_tokens=None, img_gpt_input_mask=None, logits_mask=None, **kwargs):

@@ -204,7 +204,6 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
         extension.kernels()
 
 
-
 def test_kernels_build_with_the_environments_own_ninja(monkeypatch, tmp_path):
     """Whatever PATH says, the build runs this Python's ninja (pip's, next to it) first: `.venv/bin/python` without an
     activated environment would otherwise use the system's ninja, whose build log another ninja version cannot read,
