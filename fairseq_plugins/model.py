@@ -78,7 +78,7 @@ class UniGPTConfig(FairseqDataclass):
     image_token_cache: int = field(default=0, metadata={
         "help": "keep the frozen ViT's output for up to N images and skip the ViT when one comes back (small corpora "
                 "seen many times, e.g. the embedded default; kosmos2/model/image_token_cache.py); 0: off. Off with "
-                "--no-freeze-all (a ViT that trains)"})
+                "--no-freeze-all (a ViT that trains) and under --zero 3 (fairseq_plugins/train.py)"})
 
 
 PRESET_FIELDS = [f.name for f in dataclasses.fields(Kosmos2Config) if f.name not in ("extra", "arch")]
@@ -125,11 +125,8 @@ class UniGPTModel(Kosmos2Model, BaseFairseqModel):
                                  kcfg.location_embedding_init)
         if getattr(cfg, "visual_pretrained", None):
             load_visual_pretrained(model, cfg.visual_pretrained)
-        cached_images = getattr(cfg, "image_token_cache", 0)
-        if cached_images and model.image_encoder_trainable:
-            # a recipe's speed setting (the tiny recipe sets it) that cannot apply to a ViT that trains
-            logger.warning("image token cache off: --no-freeze-all trains the ViT, whose output then changes every step")
-        elif cached_images:
+        cached_images = getattr(cfg, "image_token_cache", 0)  # 0 where it cannot apply (train.fix_image_token_cache)
+        if cached_images:
             model.cache_image_tokens(cached_images)
             logger.info("image token cache: the frozen ViT's output of up to %d images is kept", cached_images)
         return model

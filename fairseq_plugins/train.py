@@ -106,6 +106,23 @@ def check_deepspeed_flags(args) -> dict | None:
         raise UsageError(str(err)) from None
 
 
+def fix_image_token_cache(args) -> None:
+    """`--image-token-cache` (a speed setting the tiny recipe sets, which other recipes build on) is switched off, with a
+    warning, where it cannot apply: a ViT that trains (`--no-freeze-all`) changes its output every step, and under
+    ZeRO-3 every rank must run the ViT's forward together (its partitioned weights are gathered collectively), while
+    each rank's cache skips it for the images that rank has seen: the ranks would wait on each other for ever."""
+    if not getattr(args, "image_token_cache", 0):
+        return
+    if getattr(args, "no_freeze_all", False):
+        reason = "--no-freeze-all trains the ViT, whose output then changes every step"
+    elif args.deepspeed_settings and args.deepspeed_settings["zero"] == 3:
+        reason = "ZeRO-3 gathers the ViT's weights on all ranks at once, and a cache skips the ViT on some ranks only"
+    else:
+        return
+    logger.warning("image token cache off: %s", reason)
+    args.image_token_cache = 0
+
+
 def parse(argv: list[str]):
     argv = with_user_dir(argv)
     parser = options.get_training_parser()
@@ -115,6 +132,7 @@ def parse(argv: list[str]):
     check_optimizer_flags(args)
     fix_distributed_flags(args)
     args.deepspeed_settings = check_deepspeed_flags(args)
+    fix_image_token_cache(args)
     return args
 
 

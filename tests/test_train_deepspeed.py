@@ -110,6 +110,31 @@ def test_two_ranks_train_the_three_stream_mix_alike_on_every_backend(corpus, ima
 
 
 @pytest.mark.slow
+def test_frozen_vit_with_the_recipes_image_token_cache_trains_under_zero3(corpus, image_side, tmp_path):
+    """The tiny recipe sets --image-token-cache; with a frozen ViT (no --no-freeze-all) two DDP ranks use it, and
+    ZeRO-3 switches it off with a warning (ZeRO-3 gathers the ViT's partitioned weights on all ranks together, which
+    a cache that skips the ViT on one rank only deadlocks: this run used to hang). Both take the same steps."""
+    frozen = [f for f in tiny_recipe(corpus, tmp_path, image_side, max_update=6) if f != "--no-freeze-all"]
+    assert "--image-token-cache" in frozen
+    losses, logs = {}, {}
+    for name, extra in {"pytorch_ddp": [], "zero3": ["--deepspeed", "--zero", "3"]}.items():
+        logs[name] = train_sh([*frozen, "--save-dir", str(tmp_path / name), "--data-weights", "1,1,1",
+                               "--update-freq", "2", *extra], timeout=300)
+        losses[name] = losses_by_update(logs[name])
+    assert "image token cache: the frozen ViT's output" in logs["pytorch_ddp"]
+    assert "image token cache off: ZeRO-3" in logs["zero3"]
+    assert sorted(losses["zero3"]) == [1, 2, 3, 4, 5, 6]
+    assert losses["zero3"] == losses["pytorch_ddp"]
+
+
+def test_image_token_cache_is_off_where_it_cannot_apply():
+    assert parse(["--image-token-cache", "8"]).image_token_cache == 8
+    assert parse(["--image-token-cache", "8", "--deepspeed", "--zero", "2"]).image_token_cache == 8
+    assert parse(["--image-token-cache", "8", "--deepspeed", "--zero", "3"]).image_token_cache == 0
+    assert parse(["--image-token-cache", "8", "--no-freeze-all"]).image_token_cache == 0
+
+
+@pytest.mark.slow
 def test_bf16_zero2_trains_on_cpu(corpus, image_side, tmp_path):
     log = train_sh([*tiny_recipe(corpus, tmp_path, image_side, max_update=3), "--data-weights", "0,1,0", "--bf16",
                     "--deepspeed", "--zero", "2"])
