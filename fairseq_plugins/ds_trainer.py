@@ -32,6 +32,8 @@ from fairseq.optim.fairseq_optimizer import FairseqOptimizer
 from fairseq.trainer import Trainer
 from omegaconf import OmegaConf
 
+from kosmos2.cpu.extension import environment_ninja_first
+
 from . import deepspeed_checkpoint
 from .deepspeed_config import build_config
 
@@ -68,7 +70,8 @@ class DeepSpeedTrainer(Trainer):
         self.settings = dict(cfg.deepspeed)
         if utils.has_parameters(criterion):
             raise ValueError("--deepspeed: the criterion has parameters, which the engine would not train")
-        init_distributed(cfg)
+        with environment_ninja_first():  # DeepSpeed's CPU communication op is compiled here on first use
+            init_distributed(cfg)
         self._engine = None
         super().__init__(cfg, task, model, criterion, quantizer)
 
@@ -92,11 +95,15 @@ class DeepSpeedTrainer(Trainer):
 
         params = [p for p in self._model.parameters() if p.requires_grad]
         fairseq_optimizer = optim.build_optimizer(self.cfg.optimizer, params)
-        torch_optimizer = cpu_adam_like(fairseq_optimizer, params) if self.settings["offload"] else fairseq_optimizer.optimizer
         micro_batch = self.task.data_config(self.cfg.dataset.batch_size, 0, self.cfg.common.seed).most_frequent_batch_size()
         self.ds_config = build_config(self.cfg, self.settings, self.data_parallel_world_size, micro_batch)
         logger.info("DeepSpeed config: %s", self.ds_config)
-        self._engine, _, _, _ = deepspeed.initialize(model=self._model, optimizer=torch_optimizer, config=self.ds_config)
+        # DeepSpeed compiles its ops (CPU Adam, the CPU communication op) on first use, with the ninja first on PATH
+        with environment_ninja_first():
+            torch_optimizer = (cpu_adam_like(fairseq_optimizer, params) if self.settings["offload"]
+                               else fairseq_optimizer.optimizer)
+            self._engine, _, _, _ = deepspeed.initialize(model=self._model, optimizer=torch_optimizer,
+                                                         config=self.ds_config)
         self._wrapped_model = self._engine
         self._optimizer = EngineOptimizer(self.cfg.optimizer, self._engine)
         self._lr_scheduler = lr_scheduler.build_lr_scheduler(self.cfg.lr_scheduler, self._optimizer)

@@ -68,10 +68,17 @@ def tiny_recipe(corpus: Path, save_dir: Path, image_side: Path, max_update: int)
 def train_sh(flags: list[str], nproc: int = 2, timeout: int = 900) -> str:
     """`NPROC_PER_NODE=2 bash train.sh FLAGS` (torchrun, gloo); returns the log."""
     env = {**DS_ENV, "NPROC_PER_NODE": str(nproc), "MASTER_PORT": str(free_port())}
-    done = subprocess.run(["bash", "train.sh", *flags], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert done.returncode == 0, f"training failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.stdout
+    # its own process group, so that a run that hangs is stopped with torchrun's workers (not only bash)
+    run = subprocess.Popen(["bash", "train.sh", *flags], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = run.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        stdout, stderr = run.communicate()
+        pytest.fail(f"training did not finish in {timeout} s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    assert run.returncode == 0, f"training failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    return stdout
 
 
 def streams_trained(log: str) -> set[str]:
@@ -132,6 +139,20 @@ def test_image_token_cache_is_off_where_it_cannot_apply():
     assert parse(["--image-token-cache", "8", "--deepspeed", "--zero", "2"]).image_token_cache == 8
     assert parse(["--image-token-cache", "8", "--deepspeed", "--zero", "3"]).image_token_cache == 0
     assert parse(["--image-token-cache", "8", "--no-freeze-all"]).image_token_cache == 0
+
+
+@pytest.mark.slow
+def test_deepspeed_ops_are_not_rebuilt_when_path_lacks_the_environment(corpus, image_side, tmp_path, monkeypatch):
+    """DeepSpeed compiles its CPU communication op on first use with the first ninja on PATH; `.venv/bin/python`
+    without the environment activated would find the system's, whose build log pip's ninja cannot read, and each
+    rebuilt the other's op (about a minute). The trainer builds with the environment's own ninja first."""
+    flags = [*tiny_recipe(corpus, tmp_path, image_side, max_update=2), "--deepspeed", "--zero", "2"]
+    train_sh([*flags, "--save-dir", str(tmp_path / "first")], nproc=1)
+    built = {p: p.stat().st_mtime_ns for p in Path(DS_ENV["TORCH_EXTENSIONS_DIR"]).glob("deepspeed_shm_comm/*.so")}
+    assert built, "the run did not build DeepSpeed's CPU communication op"
+    monkeypatch.setitem(DS_ENV, "PATH", "/usr/local/bin:/usr/bin:/bin")  # as a shell without the environment
+    train_sh([*flags, "--save-dir", str(tmp_path / "second")], nproc=1)
+    assert {p: p.stat().st_mtime_ns for p in built} == built
 
 
 @pytest.mark.slow
