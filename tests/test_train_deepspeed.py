@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -65,16 +66,24 @@ def tiny_recipe(corpus: Path, save_dir: Path, image_side: Path, max_update: int)
             "--log-interval", "1"]
 
 
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL to a process and everything under it: torchrun starts its workers in sessions of their own (found by
+    descent here), and a killed torchrun leaves them running otherwise."""
+    root = psutil.Process(pid)
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGKILL)
+
+
 def train_sh(flags: list[str], nproc: int = 2, timeout: int = 900) -> str:
     """`NPROC_PER_NODE=2 bash train.sh FLAGS` (torchrun, gloo); returns the log."""
     env = {**DS_ENV, "NPROC_PER_NODE": str(nproc), "MASTER_PORT": str(free_port())}
-    # its own process group, so that a run that hangs is stopped with torchrun's workers (not only bash)
     run = subprocess.Popen(["bash", "train.sh", *flags], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+                           stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = run.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(run.pid, signal.SIGKILL)
+        kill_process_tree(run.pid)  # the workers of a run that hangs would hold the output pipes for ever
         stdout, stderr = run.communicate()
         pytest.fail(f"training did not finish in {timeout} s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
     assert run.returncode == 0, f"training failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
@@ -185,12 +194,7 @@ def test_kill_9_and_resume_under_zero2_gives_the_uninterrupted_losses(corpus, im
     deadline = time.time() + 600
     while not (killed / "checkpoint_last.pt").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    # SIGKILL to the launcher and both ranks (torchrun starts its workers in sessions of their own: find them by
-    # descent; a killed torchrun leaves them running otherwise)
-    import psutil
-    for proc in [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.send_signal(signal.SIGKILL)
+    kill_process_tree(process.pid)  # SIGKILL to the launcher and both ranks
     process.wait()
     restored = torch.load(killed / "checkpoint_last.pt", weights_only=True)["optimizer_history"][-1]["num_updates"]
     assert 3 <= restored < 10, f"the run was not killed mid-training (checkpoint at update {restored})"
