@@ -383,7 +383,9 @@ def parse_args(argv=None):
     parser.add_argument("--num-images", type=int, default=6000, help="training images (GRIT rows)")
     parser.add_argument("--image-size", type=int, default=64, help="short side of the generated images")
     parser.add_argument("--non-square-prob", type=float, default=0.1, help="share of landscape/portrait training images")
-    parser.add_argument("--expression-frac", type=float, default=0.6, help="share of captions that are one referring expression")
+    parser.add_argument("--expression-frac", type=float, default=0.3,
+                        help="share of captions that are one referring expression (the rest name every shape; "
+                             "docs/data.md says why 0.3)")
     parser.add_argument("--low-score-prob", type=float, default=0.05, help="share of shape boxes with a score under 0.65")
     parser.add_argument("--overlap-prob", type=float, default=0.1, help="share of scenes whose shapes may overlap")
     parser.add_argument("--eval-images", type=int, default=100, help="images per evaluation split (the REG demonstration "
