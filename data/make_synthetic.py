@@ -59,8 +59,13 @@ def write_raw_grit(out: Path, rng: random.Random, args) -> list[str]:
     for i in tqdm(range(args.num_images), desc="synthetic images", unit="img", disable=args.quiet):
         key = f"{i:09d}"
         folder = out / "raw" / f"{i // 10000:05d}"
-        scene = syn.sample_scene(rng, *syn.canvas_size(rng, args.image_size, args.non_square_prob), overlap_prob=args.overlap_prob)
-        record = syn.grit_record(rng, scene, key, args.expression_frac, args.low_score_prob)
+        width, height = syn.canvas_size(rng, args.image_size, args.non_square_prob)
+        expression = rng.random() < args.expression_frac
+        if expression and rng.random() < args.shared_colour_frac:
+            scene = syn.scene_sharing_colour(rng, width, height, args.overlap_prob)
+        else:
+            scene = syn.sample_scene(rng, width, height, overlap_prob=args.overlap_prob)
+        record = syn.grit_record(rng, scene, key, expression, args.low_score_prob)
         save_jpeg(syn.draw_scene(scene), folder / f"{key}.jpg")
         (folder / f"{key}.json").write_text(json.dumps(record))
         (folder / f"{key}.txt").write_text(record["caption"])
@@ -386,6 +391,9 @@ def parse_args(argv=None):
     parser.add_argument("--expression-frac", type=float, default=0.3,
                         help="share of captions that are one referring expression (the rest name every shape; "
                              "docs/data.md says why 0.3)")
+    parser.add_argument("--shared-colour-frac", type=float, default=1.0,
+                        help="share of one-expression captions drawn on a scene where two shapes have the same colour "
+                             "(the expression names one of them; docs/data.md says why)")
     parser.add_argument("--low-score-prob", type=float, default=0.05, help="share of shape boxes with a score under 0.65")
     parser.add_argument("--overlap-prob", type=float, default=0.1, help="share of scenes whose shapes may overlap")
     parser.add_argument("--eval-images", type=int, default=100, help="images per evaluation split (the REG demonstration "

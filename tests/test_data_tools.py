@@ -67,6 +67,44 @@ def test_tsv_rows_round_trip_the_builder_records(tmp_path):
                        "weight": 1.0, "name": "grit"}]
 
 
+def expression_head(caption: str) -> str:
+    """"the red circle left of the blue square" -> "red circle" (the target's name opens every expression)."""
+    words = caption.split()
+    return " ".join(words[1:3] if words[0] == "the" else words[:2])
+
+
+def test_expressions_name_a_shape_whose_colour_another_shape_has():
+    """Where two shapes share a colour, the one-expression caption names one of them (only its shape word tells them
+    apart); elsewhere any shape."""
+    import random
+    from kosmos2.data import synthetic as syn
+    shared = syn.Scene(64, 64, "white", [syn.Shape("red", "circle", (0, 0, 20, 20)), syn.Shape("red", "square", (30, 0, 50, 20)),
+                                         syn.Shape("blue", "triangle", (0, 30, 20, 50))])
+    assert syn.shapes_sharing_colour(shared) == shared.shapes[:2]
+    heads = {expression_head(syn.expression_caption(random.Random(k), shared, 0.0)[0]) for k in range(60)}
+    assert heads == {"red circle", "red square"}
+    apart = syn.Scene(64, 64, "white", [syn.Shape("red", "circle", (0, 0, 20, 20)), syn.Shape("blue", "square", (30, 0, 50, 20))])
+    assert syn.shapes_sharing_colour(apart) == []
+    assert {expression_head(syn.expression_caption(random.Random(k), apart, 0.0)[0]) for k in range(60)} == {"red circle", "blue square"}
+    rng = random.Random(0)
+    assert all(syn.shapes_sharing_colour(syn.scene_sharing_colour(rng, 64, 64)) for _ in range(20))
+
+
+@pytest.mark.parametrize("frac", [0.0, 1.0])
+def test_shared_colour_frac_draws_the_expression_scenes(tmp_path, frac):
+    args = make_synthetic.parse_args(["--out", str(tmp_path), "--num-images", "80", "--shared-colour-frac", str(frac), "--quiet"])
+    make_synthetic.write_raw_grit(tmp_path, __import__("random").Random("0-grit"), args)
+    shared = []
+    for path in sorted((tmp_path / "raw").rglob("*.json")):
+        record = json.loads(path.read_text())
+        if not record["caption"].endswith("background."):  # a one-expression caption
+            colours = [o["name"].split()[0] for o in record["scene"]["objects"] if not o["name"].endswith("background")]
+            shared.append(len(colours) > len(set(colours)))
+    assert len(shared) > 10  # 30 % of 80 rows
+    # with 0, scenes as drawn (some share a colour by chance); with 1, every one-expression caption's scene does
+    assert all(shared) if frac == 1.0 else not all(shared)
+
+
 def write_sample(folder: Path, key: str, caption: str, image_bytes: bytes | None, extra: dict | None = None):
     folder.mkdir(parents=True, exist_ok=True)
     record = {"caption": caption, "width": 40, "height": 30, "noun_chunks": [[0, 3, 0.1, 0.1, 0.5, 0.5, 0.9]],

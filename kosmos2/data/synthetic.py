@@ -90,6 +90,21 @@ def sample_scene(rng: random.Random, width: int, height: int, max_shapes: int = 
     return scene
 
 
+def shapes_sharing_colour(scene: Scene) -> list[Shape]:
+    """The shapes of the scene whose colour another shape of it has too."""
+    return [s for s in scene.shapes if sum(o.colour == s.colour for o in scene.shapes) > 1]
+
+
+def scene_sharing_colour(rng: random.Random, width: int, height: int, overlap_prob: float = 0.1, tries: int = 100) -> Scene:
+    """A scene (as `sample_scene`) in which two shapes have the same colour: drawn again until one is (at most
+    `tries` times; the last draw is returned either way)."""
+    for _ in range(tries):
+        scene = sample_scene(rng, width, height, overlap_prob=overlap_prob)
+        if shapes_sharing_colour(scene):
+            break
+    return scene
+
+
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, fill) -> None:
     x1, y1, x2, y2 = shape.box
     # PIL's right/bottom coordinates are inclusive, our boxes are exclusive
@@ -183,8 +198,12 @@ def referring_expression(rng: random.Random, scene: Scene, target: Shape) -> tup
 
 def expression_caption(rng: random.Random, scene: Scene, low_score_prob: float) -> tuple[str, dict[int, float]]:
     """Caption = one referring expression (the evaluation format). Returns the caption and the confidence the
-    simulated detector gives each shape the caption names (index into scene.shapes -> score)."""
-    target = rng.choice(scene.shapes)
+    simulated detector gives each shape the caption names (index into scene.shapes -> score).
+
+    The expression names a shape whose colour another shape shares when there is one: those are the expressions that
+    only the shape word resolves, and without them the tiny model learned to find objects by colour alone
+    (docs/training.md, "Where grounding fails")."""
+    target = rng.choice(shapes_sharing_colour(scene) or scene.shapes)
     text, phrases = referring_expression(rng, scene, target)
     scores = {scene.shapes.index(target): round(_shape_score(rng, low_score_prob), 4)}
     for _, _, shape in phrases:
@@ -236,10 +255,10 @@ def scene_description(scene: Scene, scores: dict[int, float], background_score: 
     return {"objects": objects}
 
 
-def grit_record(rng: random.Random, scene: Scene, key: str, expression_frac: float, low_score_prob: float) -> dict:
-    """The img2dataset json of one image-caption pair with its scene description; data/build_grit.py (grounder
-    `synthetic`) turns it into the GRIT fields."""
-    if rng.random() < expression_frac:
+def grit_record(rng: random.Random, scene: Scene, key: str, expression: bool, low_score_prob: float) -> dict:
+    """The img2dataset json of one image-caption pair, its caption one referring expression (`expression`) or a scene
+    caption, with its scene description; data/build_grit.py (grounder `synthetic`) turns it into the GRIT fields."""
+    if expression:
         caption, scores = expression_caption(rng, scene, low_score_prob)
         background_score = None
     else:
