@@ -93,7 +93,8 @@ def test_expressions_name_a_shape_whose_colour_another_shape_has():
 @pytest.mark.parametrize("frac", [0.0, 1.0])
 def test_shared_colour_frac_draws_the_expression_scenes(tmp_path, frac):
     args = make_synthetic.parse_args(["--out", str(tmp_path), "--num-images", "80", "--shared-colour-frac", str(frac), "--quiet"])
-    make_synthetic.write_raw_grit(tmp_path, __import__("random").Random("0-grit"), args)
+    import random
+    make_synthetic.write_raw_grit(tmp_path, random.Random("0-grit"), args)
     shared = []
     for path in sorted((tmp_path / "raw").rglob("*.json")):
         record = json.loads(path.read_text())
