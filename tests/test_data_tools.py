@@ -2,6 +2,7 @@
 import hashlib
 import io
 import json
+import random
 import sys
 import tarfile
 from pathlib import Path
@@ -15,6 +16,7 @@ import generate_config  # noqa: E402
 import make_synthetic  # noqa: E402
 import prepare_grit  # noqa: E402
 
+from kosmos2.data import synthetic as syn  # noqa: E402
 from kosmos2.data.rows import decode_image, parse_grit_row  # noqa: E402
 
 
@@ -76,8 +78,6 @@ def expression_head(caption: str) -> str:
 def test_expressions_name_a_shape_whose_colour_another_shape_has():
     """Where two shapes share a colour, the one-expression caption names one of them (only its shape word tells them
     apart); elsewhere any shape."""
-    import random
-    from kosmos2.data import synthetic as syn
     shared = syn.Scene(64, 64, "white", [syn.Shape("red", "circle", (0, 0, 20, 20)), syn.Shape("red", "square", (30, 0, 50, 20)),
                                          syn.Shape("blue", "triangle", (0, 30, 20, 50))])
     assert syn.shapes_sharing_colour(shared) == shared.shapes[:2]
@@ -93,7 +93,6 @@ def test_expressions_name_a_shape_whose_colour_another_shape_has():
 @pytest.mark.parametrize("frac", [0.0, 1.0])
 def test_shared_colour_frac_draws_the_expression_scenes(tmp_path, frac):
     args = make_synthetic.parse_args(["--out", str(tmp_path), "--num-images", "80", "--shared-colour-frac", str(frac), "--quiet"])
-    import random
     make_synthetic.write_raw_grit(tmp_path, random.Random("0-grit"), args)
     shared = []
     for path in sorted((tmp_path / "raw").rglob("*.json")):
