@@ -43,6 +43,15 @@ POSITIONS = ("UL", "LR", "</object>", "last")
 SLOT_GROUPS = ("boxed", "other", "background")
 
 
+def slot_grid(cfg) -> int:
+    """The ViT's patch grid side, checked to map one patch to one slot (the tiny image side routes query i to patch i)."""
+    grid = cfg.image_size // cfg.patch_size
+    if cfg.latent_query_num != grid * grid:
+        raise SystemExit(f"error: the slots must map to ViT patches one to one (the tiny image side): latent_query_num "
+                         f"is {cfg.latent_query_num}, the ViT has {grid * grid} patches")
+    return grid
+
+
 def slot_owners(objects: list, grid: int) -> list[int]:
     """Per slot (row-major patch): the index of the last object whose box holds the patch centre, -1 for none."""
     owners = []
@@ -121,11 +130,7 @@ def load_scenes(data_dir: Path) -> dict[str, dict]:
 def probe(model_api: Kosmos2, scenes: dict[str, dict], continuation: str = " the", min_objects: int = 2,
           quiet: bool = False) -> dict:
     model, tok = model_api.model.eval(), model_api.tokenizer
-    cfg = model.cfg
-    grid = cfg.image_size // cfg.patch_size
-    if cfg.latent_query_num != grid * grid:
-        raise SystemExit(f"error: the slots must map to ViT patches one to one (the tiny image side): latent_query_num "
-                         f"is {cfg.latent_query_num}, the ViT has {grid * grid} patches")
+    grid = slot_grid(model.cfg)
     recorder = Recorder(model.decoder)
     reg = get_template("reg_it_is")
     attention: dict[tuple, dict[str, tuple[float, int]]] = {}  # (layer, head, position) -> {what: (sum, count)}

@@ -116,3 +116,25 @@ def expected_cpu_path(dtype: torch.dtype, trainable: bool = False) -> str:
     if not trainable and packing_available("cpu", dtype):
         return "onednn-packed"
     return "bf16-cpu" if bf16 and extension.available() else "plain"
+
+
+def random_tiny_on_synthetic(root: Path, eval_images: int, num_images: int = 30, text_docs: int = 3,
+                             checkpoint_dir: Path | None = None) -> tuple[Path, Path]:
+    """A small synthetic corpus in root/synthetic (data/make_synthetic.py) and a random tiny-preset checkpoint with
+    its tokenizer in `checkpoint_dir` (default root): (the corpus folder, the checkpoint path)."""
+    import make_synthetic  # data/ on sys.path (the caller's)
+    from kosmos2.checkpoint import save_official
+    from kosmos2.config import load_preset
+
+    data = root / "synthetic"
+    make_synthetic.build(make_synthetic.parse_args([
+        "--out", str(data), "--num-images", str(num_images), "--eval-images", str(eval_images), "--text-docs",
+        str(text_docs), "--interleaved-docs", "2", "--workers", "1", "--quiet"]))
+    checkpoint_dir = checkpoint_dir or root
+    checkpoint_dir.mkdir(exist_ok=True)
+    for name in ("sentencepiece.bpe.model", "dict.txt"):
+        (checkpoint_dir / name).write_bytes((data / "tokenizer" / name).read_bytes())
+    cfg = load_preset("tiny", vocab_size=len(Kosmos2Tokenizer.from_dir(checkpoint_dir)))
+    torch.manual_seed(0)
+    save_official(build_model(cfg), cfg, checkpoint_dir / "random.pt")
+    return data, checkpoint_dir / "random.pt"

@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "data"))
 
 from evaluation import reg_probe as probe  # noqa: E402
-from helpers import image_prompt, random_model, small_config  # noqa: E402
+from helpers import image_prompt, random_model, random_tiny_on_synthetic, small_config  # noqa: E402
 
 
 def test_recorded_attention_is_what_the_layers_apply():
@@ -58,25 +58,14 @@ def test_slot_owners_by_hand():
 
 
 def test_probe_end_to_end_on_a_synthetic_corpus(tmp_path):
-    import make_synthetic
     from kosmos2.api import Kosmos2
-    from kosmos2.checkpoint import save_official
     from kosmos2.config import load_preset
-    from kosmos2.model.kosmos2 import build_model
-    from kosmos2.tokenizer import Kosmos2Tokenizer
 
-    data = tmp_path / "synthetic"
-    make_synthetic.build(make_synthetic.parse_args([
-        "--out", str(data), "--num-images", "30", "--eval-images", "12", "--text-docs", "3", "--interleaved-docs", "2",
-        "--workers", "1", "--quiet"]))
-    for name in ("sentencepiece.bpe.model", "dict.txt"):
-        (tmp_path / name).write_bytes((data / "tokenizer" / name).read_bytes())
-    cfg = load_preset("tiny", vocab_size=len(Kosmos2Tokenizer.from_dir(tmp_path)))
-    torch.manual_seed(0)
-    save_official(build_model(cfg), cfg, tmp_path / "random.pt")
+    data, checkpoint = random_tiny_on_synthetic(tmp_path, eval_images=12)
+    cfg = load_preset("tiny")
     scenes = probe.load_scenes(data / "eval")
     expected = sum(len(s["objects"]) for s in scenes.values() if len(s["objects"]) >= 2)
-    report = probe.probe(Kosmos2.from_pretrained(tmp_path / "random.pt"), scenes, quiet=True)
+    report = probe.probe(Kosmos2.from_pretrained(checkpoint), scenes, quiet=True)
     assert report["prompts"] == expected > 0
     layers, heads = cfg.decoder_layers, cfg.decoder_attention_heads
     assert len(report["attention"]) == layers * heads * len(probe.POSITIONS)

@@ -55,27 +55,10 @@ KIND, KIND_NOTE = checkpoint_kind()
 # setup: data, checkpoint, environment of the wrappers
 
 def build_random_case(root: Path) -> tuple[Path, Path]:
-    import torch
-
     sys.path.insert(0, str(REPO / "data"))
-    import make_synthetic
-    from kosmos2.checkpoint import save_official
-    from kosmos2.config import load_preset
-    from kosmos2.model.kosmos2 import build_model
-    from kosmos2.tokenizer import Kosmos2Tokenizer
+    from helpers import random_tiny_on_synthetic
 
-    data = root / "synthetic"
-    make_synthetic.build(make_synthetic.parse_args([
-        "--out", str(data), "--num-images", "40", "--eval-images", "3", "--text-docs", "5", "--interleaved-docs", "2",
-        "--workers", "1", "--quiet"]))
-    ckpt_dir = root / "ckpt"
-    ckpt_dir.mkdir()
-    for name in ("sentencepiece.bpe.model", "dict.txt"):
-        (ckpt_dir / name).write_bytes((data / "tokenizer" / name).read_bytes())
-    cfg = load_preset("tiny", vocab_size=len(Kosmos2Tokenizer.from_dir(ckpt_dir)))
-    torch.manual_seed(0)
-    save_official(build_model(cfg), cfg, ckpt_dir / "random.pt")
-    return data, ckpt_dir / "random.pt"
+    return random_tiny_on_synthetic(root, eval_images=3, num_images=40, text_docs=5, checkpoint_dir=root / "ckpt")
 
 
 def wrapper_jobs(case) -> dict[str, tuple[str, list]]:
