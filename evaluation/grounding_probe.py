@@ -16,7 +16,8 @@ box's first location token), and it reports per layer and head:
 
 docs/training.md ("Which word the box is found by") has what this found for the embedded default: the models that
 ground by shape have a layer-0 head at `<object>` that reads the shape word, and prefer the named object over its
-twin in layer 1. Slot i is the connector's query for ViT patch i, as in `evaluation.reg_probe` (the tiny image side's routing).
+twin in layer 1. Slot i is the connector's query for ViT patch i, as in `evaluation.reg_probe` (the tiny image
+side's routing).
 """
 from __future__ import annotations
 
