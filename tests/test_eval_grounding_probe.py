@@ -15,8 +15,8 @@ from helpers import random_tiny_on_synthetic  # noqa: E402
 
 
 def test_phrase_positions_by_hand():
-    symbols = ["<s>", "<image>", "</image>", "<grounding>", "<phrase>", "\u2581a", "\u2581pur", "ple", "\u2581dia", "mond",
-               "</phrase>", "<object>"]
+    symbols = ["<s>", "<image>", "</image>", "<grounding>", "<phrase>", "\u2581a", "\u2581pur", "ple", "\u2581dia",
+               "mond", "</phrase>", "<object>"]
     assert probe.phrase_positions(symbols) == {"colour": 7, "shape": 9, "<object>": 11}
     with pytest.raises(ValueError, match="</phrase><object>"):
         probe.phrase_positions(symbols[:-1])
