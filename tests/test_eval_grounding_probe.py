@@ -22,12 +22,18 @@ def test_phrase_positions_by_hand():
         probe.phrase_positions(symbols[:-1])
 
 
-def test_probe_end_to_end_on_a_synthetic_corpus(tmp_path):
+@pytest.fixture(scope="module")
+def random_case(tmp_path_factory):
+    """(synthetic corpus folder, random tiny checkpoint), built once for the tests below."""
+    return random_tiny_on_synthetic(tmp_path_factory.mktemp("grounding_probe"), eval_images=40)
+
+
+def test_probe_end_to_end_on_a_synthetic_corpus(random_case):
     from evaluation.reg_probe import load_scenes
     from kosmos2.api import Kosmos2
     from kosmos2.config import load_preset
 
-    data, checkpoint = random_tiny_on_synthetic(tmp_path, eval_images=40)
+    data, checkpoint = random_case
     cfg = load_preset("tiny")
     scenes = load_scenes(data / "eval")
     twinned = sum(1 for s in scenes.values() for colour, _, _ in s["objects"]
@@ -43,20 +49,20 @@ def test_probe_end_to_end_on_a_synthetic_corpus(tmp_path):
             assert 0.0 <= row["on_colour"] + row["on_shape"] <= 1.0 + 1e-6
 
 
-def test_numbers_are_the_recorded_attention_at_the_positions_counted_by_hand(tmp_path):
+def test_numbers_are_the_recorded_attention_at_the_positions_counted_by_hand(random_case):
     """A two-object scene whose objects share their colour: two prompts, each object named once; the report's layer-0
     head-0 numbers at `<object>` are the mean, over the two, of the recorded attention row read by hand (the shape word
     is the token before `</phrase>`, the colour word the one before the shape word's first piece)."""
-    from evaluation.reg_probe import Recorder, load_scenes, slot_owners
+    from evaluation.reg_probe import Recorder, load_scenes, slot_grid, slot_owners
     from kosmos2.api import Kosmos2
 
-    data, checkpoint = random_tiny_on_synthetic(tmp_path, eval_images=40)
+    data, checkpoint = random_case
     key, scene = next((k, s) for k, s in load_scenes(data / "eval").items()
                       if len(s["objects"]) == 2 and s["objects"][0][0] == s["objects"][1][0])
     api = Kosmos2.from_pretrained(checkpoint)
     report = probe.probe(api, {key: scene}, quiet=True)
     assert report["prompts"] == 2
-    owners = slot_owners(scene["objects"], 8)
+    owners = slot_owners(scene["objects"], slot_grid(api.model.cfg))
     recorder = Recorder(api.model.decoder)
     features, _ = api._encode_images([[scene["image"]]])
     expected = {"on_colour": 0.0, "on_shape": 0.0, "target_per_slot": 0.0, "twin_per_slot": 0.0}
@@ -72,8 +78,8 @@ def test_numbers_are_the_recorded_attention_at_the_positions_counted_by_hand(tmp
         twin = [s for s, o in zip(slots, owners) if o == 1 - target]
         expected["on_shape"] += float(row[len(ids) - 3]) / 2
         expected["on_colour"] += float(row[len(ids) - 3 - shape_pieces]) / 2
-        expected["target_per_slot"] += float(row[mine].sum()) / len(mine) * 64 / 2
-        expected["twin_per_slot"] += float(row[twin].sum()) / len(twin) * 64 / 2
+        expected["target_per_slot"] += float(row[mine].sum()) / len(mine) * len(slots) / 2
+        expected["twin_per_slot"] += float(row[twin].sum()) / len(twin) * len(slots) / 2
     got = next(r for r in report["attention"] if (r["layer"], r["head"], r["position"]) == (0, 0, "<object>"))
     assert got == pytest.approx({"layer": 0, "head": 0, "position": "<object>",
                                  **{k: round(v, 3) for k, v in expected.items()}}, abs=1.5e-3)
