@@ -25,7 +25,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from evaluation.reg_probe import Recorder, load_scenes, slot_grid, slot_owners
@@ -67,11 +66,9 @@ def probe(model_api: Kosmos2, scenes: dict[str, dict], quiet: bool = False) -> d
                 continue
             if features is None:
                 features, _ = model_api._encode_images([[scene["image"]]])
-            recorder.clear()
-            with torch.no_grad():
-                model(torch.tensor([ids]), image_features=features, img_gpt_input_mask=torch.tensor([mask]))
+            probs_per_layer = recorder.run(model, ids, mask, features)
             where = phrase_positions([tok.dictionary.symbols[i] for i in ids])
-            for layer, probs in enumerate(recorder.attention()):
+            for layer, probs in enumerate(probs_per_layer):
                 for head in range(probs.shape[0]):
                     for name, position in where.items():
                         row = probs[head, position]

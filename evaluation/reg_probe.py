@@ -75,6 +75,14 @@ class Recorder:
     def clear(self) -> None:
         self.outputs.clear(), self.queries.clear(), self.keys.clear()
 
+    def run(self, model, ids: list[int], mask: list[bool], features: torch.Tensor) -> list[torch.Tensor]:
+        """One forward of a single prompt (`Kosmos2.prompt_ids`) over encoded image `features`, recorded afresh;
+        returns `attention()`."""
+        self.clear()
+        with torch.no_grad():
+            model(torch.tensor([ids]), image_features=features, img_gpt_input_mask=torch.tensor([mask]))
+        return self.attention()
+
     def attention(self) -> list[torch.Tensor]:
         """Per layer [heads, T, T]: the causal softmax of the scaled query-key scores of the last forward."""
         probs = []
@@ -143,16 +151,14 @@ def probe(model_api: Kosmos2, scenes: dict[str, dict], continuation: str = " the
         for target, (colour, shape, box) in enumerate(scene["objects"]):
             markup = grounding.object_markup([box], tok.location_bin_size)
             ids, mask = model_api.prompt_ids(1, reg.prompt_markup(object_markup=markup) + continuation)
-            recorder.clear()
-            with torch.no_grad():
-                model(torch.tensor([ids]), image_features=features, img_gpt_input_mask=torch.tensor([mask]))
+            probs_per_layer = recorder.run(model, ids, mask, features)
             slots = [i for i, m in enumerate(mask) if m]
             ul = next(i for i, x in enumerate(ids) if tok.is_patch_index_id(x))
             where = dict(zip(POSITIONS, (ul, ul + 1, ul + 2, len(ids) - 1)))
             groups = {"boxed": [s for s, o in zip(slots, owners) if o == target],
                       "other": [s for s, o in zip(slots, owners) if o not in (target, -1)],
                       "background": [s for s, o in zip(slots, owners) if o == -1]}
-            for layer, probs in enumerate(recorder.attention()):
+            for layer, probs in enumerate(probs_per_layer):
                 for name, position in where.items():
                     for head in range(probs.shape[0]):
                         row = probs[head, position]

@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "data"))
@@ -68,10 +67,7 @@ def test_numbers_are_the_recorded_attention_at_the_positions_counted_by_hand(ran
     expected = {"on_colour": 0.0, "on_shape": 0.0, "target_per_slot": 0.0, "twin_per_slot": 0.0}
     for target, (colour, shape, _) in enumerate(scene["objects"]):
         ids, mask = api.prompt_ids(1, f"<grounding><phrase> a {colour} {shape}</phrase><object>")
-        recorder.clear()
-        with torch.no_grad():
-            api.model(torch.tensor([ids]), image_features=features, img_gpt_input_mask=torch.tensor([mask]))
-        row = recorder.attention()[0][0, -1]
+        row = recorder.run(api.model, ids, mask, features)[0][0, -1]
         shape_pieces = len(api.tokenizer.sp.encode(" " + shape))
         slots = [i for i, m in enumerate(mask) if m]
         mine = [s for s, o in zip(slots, owners) if o == target]
