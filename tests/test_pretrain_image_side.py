@@ -1,6 +1,7 @@
 """scripts/pretrain_image_side.py: the tiny preset's stand-in for CLIP. Targets checked by hand on drawn scenes, the
 connector scores it supervises checked against XConnector itself, and its output loaded by `--visual-pretrained`."""
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -96,3 +97,24 @@ def test_object_names_pool_each_objects_own_patches():
     owner = torch.tensor([[0, 1, 1, 2]])  # background, object 1 twice, object 2; object 3 covers no patch
     pooled, _ = names(features, owner)
     assert torch.equal(pooled, torch.tensor([[[2.0, 4.0], [5.0, -1.0], [0.0, 0.0]]]))
+
+
+def _scenes_sharing_colour(batch) -> list[bool]:
+    """Per scene of a SceneBatches batch: do two of its objects have the same colour (from the object targets)?"""
+    shares = []
+    for colours, valid in zip(batch["obj_colour"].tolist(), batch["obj_valid"].tolist()):
+        present = [c for c, v in zip(colours, valid) if v]
+        shares.append(len(present) != len(set(present)))
+    return shares
+
+
+def test_shared_colour_scenes():
+    """--shared-colour-prob: at 1 every scene has two shapes of one colour (finding one needs its shape); at 0 the
+    scenes are exactly those syn.sample_scene draws from the same seed (the image sides made before the option)."""
+    every = pis.SceneBatches("t", 32, 8, 32, shared_colour_prob=1.0).next(24)
+    assert all(_scenes_sharing_colour(every))
+    as_drawn = pis.SceneBatches("t", 32, 8, 32, shared_colour_prob=0.0).next(24)
+    rng = random.Random("t")
+    expected = [pis.object_targets(syn.sample_scene(rng, 32, 32, overlap_prob=0.1), 32)[0].tolist() for _ in range(24)]
+    assert as_drawn["obj_colour"].tolist() == expected
+    assert not all(_scenes_sharing_colour(as_drawn))  # as drawn, most scenes do not share a colour
