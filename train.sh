@@ -2,7 +2,7 @@
 # Kosmos-2 training (fairseq + fairseq_plugins/).
 #
 #   bash train.sh                 the embedded default: sets up .venv, builds the synthetic shapes corpus, pretrains
-#                                 the tiny image side, trains the tiny preset on CPU (10-12 min on 2 cores with .venv
+#                                 the tiny image side, trains the tiny preset on CPU (10-15 min on 2 cores with .venv
 #                                 built), then grounds the held-out referring expressions and captions the held-out
 #                                 scenes; the last line is `grounding_acc@0.5: X`.
 #   SEED=N bash train.sh          the same with seed N (default 0) for the corpus, the image-side pretraining and the
