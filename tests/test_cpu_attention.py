@@ -34,21 +34,30 @@ def reference(q, k, v, causal):
     return out.transpose(1, 2)
 
 
+def case_inputs(b, h, tq, tk, d, dtype):
+    """q, k, v and the output's gradient of one random case (the same values in every dtype)."""
+    return [heads(b, t, h, d, seed, dtype) for seed, t in ((0, tq), (1, tk), (2, tk), (9, tq))]
+
+
+def sdpa_with_gradients(b, h, tq, tk, d, causal, dtype):
+    """SDPA's output and q/k/v gradients for the case, computed in `dtype`."""
+    *qkv, grad = case_inputs(b, h, tq, tk, d, dtype)
+    qkv = [x.requires_grad_() for x in qkv]
+    out = reference(*qkv, causal)
+    out.backward(grad)
+    return (out, *[x.grad for x in qkv])
+
+
 def run_both(b, h, tq, tk, d, causal, contiguous=False):
     """(ours, reference) outputs and input gradients for one random case; the reference runs in float64.
     contiguous=False passes [B, T, H, D] views of [B, H, T, D] memory."""
-    base = [heads(b, t, h, d, seed, torch.float64) for seed, t in enumerate((tq, tk, tk))]
-    grad = heads(b, tq, h, d, 9, torch.float64)
-    ours_in = [x.float().contiguous() if contiguous else x.float().transpose(1, 2).contiguous().transpose(1, 2)
-               for x in base]
-    ours_in = [x.requires_grad_() for x in ours_in]
-    ref_in = [x.clone().requires_grad_() for x in base]
+    *qkv, grad = case_inputs(b, h, tq, tk, d, torch.float32)
+    ours_in = [(x.contiguous() if contiguous else x.transpose(1, 2).contiguous().transpose(1, 2)).requires_grad_()
+               for x in qkv]
     assert ca.training_kernel_applies(*ours_in, is_causal=causal)
     out = ca.cpu_attention(*ours_in, is_causal=causal)
-    out.backward(grad.float())
-    ref = reference(*ref_in, causal)
-    ref.backward(grad)
-    return (out, *[x.grad for x in ours_in]), (ref, *[x.grad for x in ref_in])
+    out.backward(grad)
+    return (out, *[x.grad for x in ours_in]), sdpa_with_gradients(b, h, tq, tk, d, causal, torch.float64)
 
 
 @needs_kernel
@@ -83,11 +92,7 @@ def test_as_accurate_as_pytorchs_own_fp32_attention(b, h, tq, tk, d, causal):
     """Both fp32 paths against float64: ours may round differently from SDPA, but not worse. (A summation order or an
     exp that lost precision would make every training through the kernel drift from the SDPA one systematically.)"""
     ours, exact = run_both(b, h, tq, tk, d, causal)
-    inputs = [heads(b, t, h, d, seed) for seed, t in enumerate((tq, tk, tk))]
-    inputs = [x.requires_grad_() for x in inputs]
-    out = reference(*inputs, causal)
-    out.backward(heads(b, tq, h, d, 9))
-    pytorch = (out, *[x.grad for x in inputs])
+    pytorch = sdpa_with_gradients(b, h, tq, tk, d, causal, torch.float32)
     for name, x, p, r in zip(("out", "dq", "dk", "dv"), ours, pytorch, exact):
         assert relative_error(x, r) <= 1.5 * relative_error(p, r), name
 

@@ -21,9 +21,8 @@
 #   --use-object-bbox-prob 0.9 most captions grounded: the evaluation asks for boxes (official 0.5)
 #   --data-weights 1,30,1      mostly GRIT, a little interleaved and text so that every stream is exercised
 #   --lr 1e-3, cosine decay    a 9-minute run needs a high rate and a decay that ends near zero (2e-3 learned less)
-#   --laion-batch-size 16      1800 updates of 16 instead of 900 of 32: the same GRIT samples in more, smaller steps
-#                              (a few % more time); over five seeds grounding 0.843-0.970 (mean 0.917) instead of
-#                              0.816-0.928 (0.887) (docs/training.md, "What it reaches")
+#   --laion-batch-size 16      1800 updates of 16 instead of 900 of 32: the same GRIT samples in more, smaller steps,
+#                              for little more time, ground better on most seeds (docs/training.md, "What it reaches")
 #   --image-token-cache 8192   the frozen ViT runs once per image of the corpus (6,000 GRIT images, each seen ~5 times,
 #                              plus the interleaved ones): ~0.3 GB of tokens, ~15 % off each update once every image is
 #                              cached; xl on GRIT sees an image once per epoch, where a cache would only hold memory
