@@ -14,7 +14,7 @@ box's first location token), and it reports per layer and head:
   on each slot of the named object and on each slot of its same-coloured twins, relative to an even spread over all
   slots (1.0 = no preference; a model that searches by colour alone gives both the same).
 
-docs/training.md ("Which word the box is found by") has what this found for the embedded default: the models that
+docs/embedded_default.md ("Which word the box is found by") has what this found for the embedded default: the models that
 ground by shape have a layer-0 head at `<object>` that reads the shape word, and prefer the named object over its
 twin in layer 1. Slot i is the connector's query for ViT patch i, as in `evaluation.reg_probe` (the tiny image
 side's routing).

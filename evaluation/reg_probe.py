@@ -14,8 +14,8 @@ paper's REG prompt `<grounding><phrase>It</phrase><object><UL><LR></object> is` 
 * linear probes: the boxed object's colour and shape read from each layer's output at those positions (5-fold
   cross-validated logistic regression; chance is about 1/6 for colour and 1/4 for shape).
 
-A model that describes the box has the object's colour and shape at the last position. docs/training.md ("Where the
-decoder loses the box") has what this found for the embedded default. Slot i is the connector's query for ViT patch i
+A model that describes the box has the object's colour and shape at the last position. docs/embedded_default.md ("Where
+the decoder loses the box") has what this found for the embedded default. Slot i is the connector's query for ViT patch i
 (row-major), which holds for the tiny image side that `scripts/pretrain_image_side.py` trains (it routes query i to
 patch i); a patch belongs to the last-drawn object whose box holds the patch centre. The probabilities are recomputed
 from each layer's query and key projections (softmax(q k^T / sqrt(head_dim)), causal), the same scores its attention

@@ -4,12 +4,12 @@
 
 Kosmos-2 never learns its image side from scratch: the released model starts from a pretrained OpenAI CLIP ViT-L/14
 (`--visual-pretrained`). A tiny Kosmos-2 whose ViT and connector start random learns *what* is in a synthetic scene
-within minutes but not *where* (docs/training.md, "Learning to ground from scratch"): the resampler's learned queries
+within minutes but not *where* (docs/embedded_default.md, "Learning to ground from scratch"): the resampler's learned queries
 average over the whole image, so its slots carry no position. This script gives the tiny preset, in about 3.5
 minutes on 2 CPU cores, what CLIP gives xl: slots from which the objects and their places can be read.
 
 Every loss is on what one patch shows, read by linear probes (plus one attention head), and each is there for a
-reason found by measuring (docs/training.md):
+reason found by measuring (docs/embedded_default.md):
 * ViT tokens -> the colour, shape and box of the object covering the patch, and the 2D sin-cos codes of that box's
   two location bins (`<patch_index_UL>`, `<patch_index_LR>`; the code the tiny preset starts those embeddings from,
   so a decoder that copies a slot's code writes its bin), the codes at weight 8 (`--code-weight`): at weight 1, with

@@ -41,3 +41,43 @@ def test_no_citation_of_notes_outside_the_repository():
     stale = [f"{rel}:{n}" for rel, text in _sources() for n, line in enumerate(text.splitlines(), 1)
              if re.search(r"kosmos2-spec|hf-port-and-user-asks|\bspec §|§\d", line)]
     assert not stale, f"cite docs/official_behaviour.md#<anchor> instead: {stale}"
+
+
+def github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a markdown file: each heading's slug (lower case, punctuation other than '-' and '_'
+    dropped, spaces to '-'; a repeated slug gets -1, -2, ...) and every explicit `<a id="...">`."""
+    anchors, seen, fenced = set(re.findall(r'<a id="([^"]+)"></a>', markdown)), {}, False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        heading = None if fenced else re.match(r"#{1,6} (.+)", line)
+        if heading:
+            slug = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-")
+            anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+            seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def test_github_anchors_follow_githubs_slugs():
+    text = "# Training\n## Building GRIT from image-text pairs (`data/build_grit.py`)\n## Training\n```\n# not a heading\n```"
+    assert github_anchors(text) == {"training", "building-grit-from-image-text-pairs-databuild_gritpy", "training-1"}
+
+
+def test_every_markdown_link_to_a_project_file_resolves():
+    """`[text](path.md#anchor)`, `[text](path)` and `[text](#anchor)` in the project's markdown: the file exists and,
+    for a markdown file, so does the heading (moving a section of the docs must move its links too)."""
+    broken, links = [], 0
+    for rel, text in _sources():
+        if rel.suffix != ".md":
+            continue
+        for target, anchor in re.findall(r"\]\(([^)\s#]*)(?:#([^)\s]+))?\)", text):
+            if target.startswith(("http://", "https://", "mailto:")):
+                continue
+            path = (ROOT / rel).parent / target if target else ROOT / rel
+            links += 1
+            if not path.exists():
+                broken.append(f"{rel}: {target} (no such file)")
+            elif anchor and path.suffix == ".md" and anchor not in github_anchors(path.read_text(encoding="utf-8")):
+                broken.append(f"{rel}: {target}#{anchor} (no such heading)")
+    assert links > 30  # the scan saw the links
+    assert not broken, f"links that lead nowhere: {broken}"

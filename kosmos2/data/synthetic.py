@@ -202,7 +202,7 @@ def expression_caption(rng: random.Random, scene: Scene, low_score_prob: float) 
 
     The expression names a shape whose colour another shape shares when there is one: those are the expressions that
     only the shape word resolves, and without them the tiny model learned to find objects by colour alone
-    (docs/training.md, "Where grounding fails")."""
+    (docs/embedded_default.md, "Where grounding fails")."""
     target = rng.choice(shapes_sharing_colour(scene) or scene.shapes)
     text, phrases = referring_expression(rng, scene, target)
     scores = {scene.shapes.index(target): round(_shape_score(rng, low_score_prob), 4)}
