@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils import cpp_extension
 
 import kosmos2.cpu  # noqa: F401  (registers the "cpu" attention)
 from kosmos2 import build_model
@@ -157,6 +158,22 @@ def test_kernels_compile_wherever_they_can():
     if not (capable and shutil.which(os.environ.get("CXX", "c++")) and not extension.SWITCHED_OFF):
         pytest.skip("no C++ compiler, no AVX2, or KOSMOS2_CPU_KERNELS=0: the PyTorch paths are used")
     assert extension.available(), extension.unavailable_reason()
+
+
+def test_each_checkout_builds_the_kernels_in_a_folder_of_its_own(tmp_path, monkeypatch):
+    """torch's default build folder is one per extension name and its build file holds absolute source paths: two
+    checkouts sharing it rebuilt each other's extension every time. The folder is keyed by the source folder and the
+    Python, under $TORCH_EXTENSIONS_DIR when set."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    here = extension.build_directory()
+    assert here.parent == tmp_path and here.name.startswith(extension.NAME + "-")
+    assert extension.build_directory() == here  # the same checkout and Python: the same folder, built once
+    clone = tmp_path / "clone" / "kosmos2" / "cpu" / "csrc"
+    assert extension.build_directory(csrc=clone) != here
+    assert extension.build_directory(python="/elsewhere/.venv/bin/python") != here
+    assert extension.build_directory(csrc=clone) == extension.build_directory(csrc=clone)
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    assert extension.build_directory().parent.parent == Path(cpp_extension.get_default_build_root())
 
 
 def test_the_switch_turns_every_kernel_off_and_is_read_once():

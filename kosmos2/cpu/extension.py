@@ -1,7 +1,8 @@
 """Compiling and loading `kosmos2_cpu_kernels`, the C++ extension that holds every CPU kernel of this package (csrc/).
 
-The extension is compiled with `torch.utils.cpp_extension` on first use (about a minute, then cached in
-`$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`); it needs a C++ compiler and an x86 CPU with AVX2 + FMA.
+The extension is compiled with `torch.utils.cpp_extension` on first use (about a minute, then cached under
+`$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`, in a folder of its own per checkout and Python: see
+`build_directory`); it needs a C++ compiler and an x86 CPU with AVX2 + FMA.
 Where it cannot be had, `kernels()` raises and `unavailable_reason()` says why; a failed compile also says so once in
 a warning. `KOSMOS2_CPU_KERNELS=0` in the environment is the one global off switch, read once when this module is
 imported: then nothing is compiled and every caller takes its PyTorch path.
@@ -78,12 +79,14 @@ def _compile():
     try:
         from torch.utils import cpp_extension
 
-        if not _already_built(cpp_extension):
+        folder = build_directory(cpp_extension)
+        if not any(folder.glob(f"{NAME}*.so")):
             print(f"[kosmos2] compiling the CPU kernels ({', '.join(p.name for p in SOURCES)}) once, about a minute; "
-                  f"cached in {cpp_extension._get_build_directory(NAME, False)}", file=sys.stderr, flush=True)
+                  f"cached in {folder}", file=sys.stderr, flush=True)
+        folder.mkdir(parents=True, exist_ok=True)
         headers = hashlib.sha1(b"".join(p.read_bytes() for p in HEADERS)).hexdigest()[:12]
         with environment_ninja_first():
-            return cpp_extension.load(name=NAME, sources=[str(p) for p in SOURCES],
+            return cpp_extension.load(name=NAME, sources=[str(p) for p in SOURCES], build_directory=str(folder),
                                       extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", f"-DKOSMOS2_HEADERS={headers}"],
                                       extra_ldflags=["-fopenmp"], verbose=False)
     finally:
@@ -112,8 +115,22 @@ def environment_ninja_first():
             os.environ["PATH"] = before
 
 
-def _already_built(cpp_extension) -> bool:
-    try:  # a private helper of torch; only used to decide whether to announce the compile
-        return any(Path(cpp_extension._get_build_directory(NAME, False)).glob(f"{NAME}*.so"))
-    except Exception:
-        return False
+def build_directory(cpp_extension=None, csrc: Path = CSRC, python: str = sys.executable) -> Path:
+    """Where the extension is built: `<torch's extensions folder>/kosmos2_cpu_kernels-<key>`, the key a hash of the
+    source folder and the Python that builds it.
+
+    torch's own default is one folder per extension name. Its build file names the sources and the include folders by
+    absolute path, so two checkouts (or a clean clone with its own `.venv`) sharing that folder rebuilt the extension
+    from scratch every time the other one had run (about a minute, inside a timed run). One folder per checkout and
+    Python builds once for each."""
+    if cpp_extension is None:
+        from torch.utils import cpp_extension
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path(cpp_extension.get_default_build_root()) / _torch_tag()
+    key = hashlib.sha1(f"{csrc.resolve()}\0{python}".encode()).hexdigest()[:10]
+    return Path(root) / f"{NAME}-{key}"
+
+
+def _torch_tag() -> str:
+    """The subfolder torch gives its extensions: Python and CUDA version, e.g. `py311_cu128` (as `_get_build_directory`)."""
+    cuda = "cu" + torch.version.cuda.replace(".", "") if torch.version.cuda else "cpu"
+    return f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_{cuda}"
