@@ -63,6 +63,13 @@ default_run() {
   if [[ ! -f "$data/manifest.json" ]]; then
     echo "[train.sh] building the synthetic corpus (seed $SEED) in $data"
     "$PY" data/make_synthetic.py --out "$data" --seed "$SEED" --quiet
+  else
+    local outdated
+    outdated=$("$PY" data/make_synthetic.py --out "$data" --seed "$SEED" --outdated)
+    if [[ -n "$outdated" ]]; then
+      echo "[train.sh] note: $data was built with other settings than today's corpus (${outdated//$'\n'/; });" \
+           "training on it as it is. To train on today's corpus, remove $data and $out (both are rebuilt)." >&2
+    fi
   fi
   mkdir -p "$out"
   local recipe attention

@@ -388,9 +388,9 @@ def parse_args(argv=None):
     parser.add_argument("--num-images", type=int, default=6000, help="training images (GRIT rows)")
     parser.add_argument("--image-size", type=int, default=64, help="short side of the generated images")
     parser.add_argument("--non-square-prob", type=float, default=0.1, help="share of landscape/portrait training images")
-    parser.add_argument("--expression-frac", type=float, default=0.3,
+    parser.add_argument("--expression-frac", type=float, default=0.2,
                         help="share of captions that are one referring expression (the rest name every shape; "
-                             "docs/data.md says why 0.3)")
+                             "docs/data.md says why 0.2)")
     parser.add_argument("--shared-colour-frac", type=float, default=1.0,
                         help="share of one-expression captions drawn on a scene where two shapes have the same colour "
                              "(the expression names one of them; docs/data.md says why)")
@@ -408,12 +408,34 @@ def parse_args(argv=None):
     parser.add_argument("--pairs-only", action="store_true",
                         help="write only the training image-caption pairs (OUT/raw, img2dataset layout with each "
                              "image's scene description: the input of data/build_grit.py --grounder synthetic)")
+    parser.add_argument("--outdated", action="store_true",
+                        help="build nothing: print the settings in which the corpus already at --out differs from "
+                             "these arguments (train.sh's check that data/synthetic is today's corpus)")
     parser.add_argument("--quiet", action="store_true")
     return parser.parse_args(argv)
 
 
+# the arguments that decide what a corpus holds (not where it goes, how fast or how loud it is built)
+CONTENT_ARGS = ("seed", "num_images", "image_size", "non_square_prob", "expression_frac", "shared_colour_frac", "low_score_prob",
+                "overlap_prob", "eval_images", "text_docs", "interleaved_docs", "vocab_size")
+
+
+def outdated_settings(corpus: Path, argv=None) -> list[str]:
+    """The content settings in which the corpus at `corpus` (its manifest.json) differs from what these arguments
+    (default: today's defaults) would build, as "name: built X, now Y"; empty when it is current or has no manifest."""
+    manifest = Path(corpus) / "manifest.json"
+    if not manifest.is_file():
+        return []
+    built, now = json.loads(manifest.read_text())["args"], vars(parse_args([*(argv or []), "--out", str(corpus)]))
+    return [f"{name}: built {built.get(name)}, now {now[name]}" for name in CONTENT_ARGS if built.get(name) != now[name]]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.outdated:
+        differences = outdated_settings(Path(args.out), [a for a in (argv or []) if a != "--outdated"])
+        print("\n".join(differences))
+        return {"outdated": differences}
     if args.pairs_only:
         write_raw_grit(Path(args.out), random.Random(f"{args.seed}-grit"), args)
         summary = {"pairs": args.num_images, "raw": str(Path(args.out) / "raw")}

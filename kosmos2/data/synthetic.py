@@ -4,8 +4,9 @@ and simulated detector confidences) from which data/build_grit.py makes the GRIT
 The corpus is the project's embedded default: `train.sh` trains the tiny preset on it in minutes and must then
 ground held-out referring expressions. Everything here is therefore chosen to be *learnable fast*:
 a small closed vocabulary (colour x shape), 1-3 large shapes per image, every (colour, shape) pair at most once
-per image (so "the red circle" is always unique), and most captions being a single referring expression, which is
-exactly the evaluation prompt format `<grounding><phrase>{expression}</phrase>`.
+per image (so "the red circle" is always unique), and captions of two kinds: scene captions naming every shape, and
+single referring expressions (a fifth, data/make_synthetic.py --expression-frac), which are exactly the evaluation
+prompt format `<grounding><phrase>{expression}</phrase>`.
 
 All randomness flows through one `random.Random`, so a seed fixes every pixel and every character.
 """
