@@ -420,20 +420,20 @@ CONTENT_ARGS = ("seed", "num_images", "image_size", "non_square_prob", "expressi
                 "overlap_prob", "eval_images", "text_docs", "interleaved_docs", "vocab_size")
 
 
-def outdated_settings(corpus: Path, argv=None) -> list[str]:
-    """The content settings in which the corpus at `corpus` (its manifest.json) differs from what these arguments
-    (default: today's defaults) would build, as "name: built X, now Y"; empty when it is current or has no manifest."""
+def outdated_settings(corpus: Path, args: argparse.Namespace | None = None) -> list[str]:
+    """The content settings in which the corpus at `corpus` (its manifest.json) differs from what `args` (default:
+    today's defaults) would build, as "name: built X, now Y"; empty when it is current or has no manifest."""
     manifest = Path(corpus) / "manifest.json"
     if not manifest.is_file():
         return []
-    built, now = json.loads(manifest.read_text())["args"], vars(parse_args([*(argv or []), "--out", str(corpus)]))
+    built, now = json.loads(manifest.read_text())["args"], vars(args or parse_args(["--out", str(corpus)]))
     return [f"{name}: built {built.get(name)}, now {now[name]}" for name in CONTENT_ARGS if built.get(name) != now[name]]
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.outdated:
-        differences = outdated_settings(Path(args.out), [a for a in (argv or []) if a != "--outdated"])
+        differences = outdated_settings(Path(args.out), args)
         print("\n".join(differences))
         return {"outdated": differences}
     if args.pairs_only:

@@ -281,7 +281,8 @@ def test_outdated_settings_name_what_changed_since_a_corpus_was_built(tmp_path, 
     (tmp_path / "manifest.json").write_text(json.dumps({"args": {**args, "expression_frac": 0.3, "seed": 1}}))
     assert make_synthetic.outdated_settings(tmp_path) == ["seed: built 1, now 0",
                                                           f"expression_frac: built 0.3, now {args['expression_frac']}"]
-    assert make_synthetic.outdated_settings(tmp_path, ["--seed", "1", "--expression-frac", "0.3"]) == []
+    same = make_synthetic.parse_args(["--out", str(tmp_path), "--seed", "1", "--expression-frac", "0.3"])
+    assert make_synthetic.outdated_settings(tmp_path, same) == []
     make_synthetic.main(["--out", str(tmp_path), "--seed", "1", "--outdated"])
     assert capsys.readouterr().out.strip() == f"expression_frac: built 0.3, now {args['expression_frac']}"
     assert make_synthetic.outdated_settings(tmp_path / "missing") == [] and not (tmp_path / "missing").exists()

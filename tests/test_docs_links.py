@@ -1,5 +1,6 @@
 """Code and docs cite docs/official_behaviour.md by anchor: every cited anchor exists there, and nothing cites the
 reference notes that are not part of the repository."""
+import functools
 import os
 import re
 from pathlib import Path
@@ -43,6 +44,12 @@ def test_no_citation_of_notes_outside_the_repository():
     assert not stale, f"cite docs/official_behaviour.md#<anchor> instead: {stale}"
 
 
+@functools.cache
+def anchors_of(path: Path) -> frozenset[str]:
+    """`github_anchors` of a file, read once however many links point into it."""
+    return frozenset(github_anchors(path.read_text(encoding="utf-8")))
+
+
 def github_anchors(markdown: str) -> set[str]:
     """The anchors GitHub gives a markdown file: each heading's slug (lower case, punctuation other than '-' and '_'
     dropped, spaces to '-'; a repeated slug gets -1, -2, ...) and every explicit `<a id="...">`."""
@@ -77,7 +84,7 @@ def test_every_markdown_link_to_a_project_file_resolves():
             links += 1
             if not path.exists():
                 broken.append(f"{rel}: {target} (no such file)")
-            elif anchor and path.suffix == ".md" and anchor not in github_anchors(path.read_text(encoding="utf-8")):
+            elif anchor and path.suffix == ".md" and anchor not in anchors_of(path.resolve()):
                 broken.append(f"{rel}: {target}#{anchor} (no such heading)")
     assert links > 30  # the scan saw the links
     assert not broken, f"links that lead nowhere: {broken}"

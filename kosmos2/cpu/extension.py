@@ -79,7 +79,7 @@ def _compile():
     try:
         from torch.utils import cpp_extension
 
-        folder = build_directory(cpp_extension)
+        folder = build_directory()
         if not any(folder.glob(f"{NAME}*.so")):
             print(f"[kosmos2] compiling the CPU kernels ({', '.join(p.name for p in SOURCES)}) once, about a minute; "
                   f"cached in {folder}", file=sys.stderr, flush=True)
@@ -115,7 +115,7 @@ def environment_ninja_first():
             os.environ["PATH"] = before
 
 
-def build_directory(cpp_extension=None, csrc: Path = CSRC, python: str = sys.executable) -> Path:
+def build_directory(csrc: Path = CSRC, python: str = sys.executable) -> Path:
     """Where the extension is built: `<torch's extensions folder>/kosmos2_cpu_kernels-<key>`, the key a hash of the
     source folder and the Python that builds it.
 
@@ -123,8 +123,8 @@ def build_directory(cpp_extension=None, csrc: Path = CSRC, python: str = sys.exe
     absolute path, so two checkouts (or a clean clone with its own `.venv`) sharing that folder rebuilt the extension
     from scratch every time the other one had run (about a minute, inside a timed run). One folder per checkout and
     Python builds once for each."""
-    if cpp_extension is None:
-        from torch.utils import cpp_extension
+    from torch.utils import cpp_extension
+
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path(cpp_extension.get_default_build_root()) / _torch_tag()
     key = hashlib.sha1(f"{csrc.resolve()}\0{python}".encode()).hexdigest()[:10]
     return Path(root) / f"{NAME}-{key}"
